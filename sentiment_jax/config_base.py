@@ -1,0 +1,89 @@
+"""The base config every `configs/*.py` starts from: one place that lists every field.
+
+Config files change what differs and may take a variant (`--config=configs/lstm.py:nusax`);
+single fields are overridden on the command line (`--config.model.hidden_sizes=256,`).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "imdb"  # imdb | nusax_senti | csv | jsonl | huggingface | tfds
+    d.path = config_dict.placeholder(str)  # else $SENTIMENT_JAX_DATA, else the cache dir
+    d.download = True
+    d.language = "indonesian"  # nusax_senti
+    d.train_file = config_dict.placeholder(str)  # csv / jsonl
+    d.validation_file = config_dict.placeholder(str)
+    d.test_file = config_dict.placeholder(str)
+    d.text_field = "text"
+    d.label_field = "label"
+    d.label_names = ()  # empty: sorted labels of the train split
+    d.hf_name = config_dict.placeholder(str)
+    d.hf_config = config_dict.placeholder(str)
+    d.tfds_name = config_dict.placeholder(str)
+    d.validation_fraction = 0.1  # carved from train when the source has no validation split
+    d.validation_seed = 0
+    d.max_examples = 0  # >0: a seeded random subset of every split, for quick runs
+    d.max_length = 400
+    d.padding = "pre"  # pre | post
+    d.truncation = "pre"  # pre keeps the end of a long text
+    d.bucket_width = 0  # >0: trim each batch to a multiple of this many tokens
+    d.tokenizer = t = ml_collections.ConfigDict()
+    t.kind = "word"  # word | huggingface
+    t.vocab_size = 20000
+    t.lowercase = True
+    t.path = config_dict.placeholder(str)  # huggingface: folder with tokenizer.json
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "lstm"  # lstm | gru | rnn
+    m.embed_dim = 128
+    m.hidden_sizes = (128,)  # one entry per stacked layer
+    m.bidirectional = True  # or one bool per layer
+    m.pooling = "last"  # last | mean | max | mean_max
+    m.dropout = 0.0  # between layers and in the head
+    m.embed_dropout = 0.0
+    m.head_sizes = ()  # hidden layers of the MLP head
+    m.unroll = 1  # lax.scan unroll
+    m.dtype = "float32"  # compute dtype; parameters stay float32
+
+    c.train = tr = ml_collections.ConfigDict()
+    tr.epochs = 3
+    tr.batch_size = 64
+    tr.eval_batch_size = 256
+    tr.learning_rate = 1e-3
+    tr.schedule = "cosine"  # cosine | linear | constant
+    tr.warmup_fraction = 0.05
+    tr.final_lr_fraction = 0.0
+    tr.weight_decay = 0.0
+    tr.b1 = 0.9
+    tr.b2 = 0.999
+    tr.grad_clip = 1.0  # global norm; 0 disables
+    tr.loss = "softmax"  # softmax | sigmoid (binary, one logit)
+    tr.log_every = 20
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 0  # also save mid-epoch every N steps
+    ck.keep_latest = 1
+    ck.keep_best = 1
+    ck.best_metric = "accuracy"  # validation accuracy | macro_f1
+    ck.async_save = True
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.axes = ("data",)
+    ms.shape = (-1,)  # -1 takes all remaining devices
+    ms.data_axes = ("data",)  # the batch dimension is split over these
+    # Logical parameter axis -> mesh axis (None = replicated).
+    ms.logical_axis_rules = (
+        ("vocab", None), ("embed", None), ("hidden", None), ("gates", None),
+        ("features", None), ("mlp", None), ("classes", None),
+    )
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.split = "test"
+    e.checkpoint = "best"  # best | latest | a step number
+    return c

@@ -1,0 +1,360 @@
+"""Raw text datasets: where the reviews come from, checked, as (texts, labels) splits.
+
+Every source returns the same thing, a `Dataset` of named `Split`s with integer labels,
+so tokenisation, batching and training never need to know where the text came from.
+Bad input raises `DataError` with one line naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tarfile
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+DATA_ENV = "SENTIMENT_JAX_DATA"
+CACHE_ENV = "SENTIMENT_JAX_CACHE"
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+# MD5 of the official release archive (as published by torchtext / tfds).
+IMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
+NUSAX_LANGUAGES = (
+    "acehnese", "balinese", "banjarese", "buginese", "english", "indonesian",
+    "javanese", "madurese", "minangkabau", "ngaju", "sundanese", "toba_batak",
+)
+NUSAX_LABELS = ("negative", "neutral", "positive")
+
+
+class DataError(ValueError):
+    """A problem with input data, phrased as one line that names the fix."""
+
+
+@dataclasses.dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray  # int32, values in [0, num_classes)
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    label_names: tuple[str, ...]
+    splits: dict[str, Split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+# ---------------------------------------------------------------------------------------
+# Locating files.
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get(CACHE_ENV, "~/.cache/sentiment_jax")).expanduser()
+
+
+def _candidates(config_path: str | None, *names: str) -> list[pathlib.Path]:
+    """Where to look, in order: config.data.path, $SENTIMENT_JAX_DATA, the cache dir."""
+    roots = [pathlib.Path(p).expanduser() for p in (config_path, os.environ.get(DATA_ENV)) if p]
+    roots.append(cache_dir())
+    found = []
+    for root in roots:
+        found.append(root)
+        found.extend(root / n for n in names)
+    return found
+
+
+def find_imdb(config_path: str | None, download: bool = True) -> pathlib.Path:
+    """Returns an `aclImdb/` folder or `aclImdb_v1.tar.gz` archive, downloading if allowed."""
+    for path in _candidates(config_path, "aclImdb_v1.tar.gz", "aclImdb"):
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            return path
+        if path.is_dir() and (path / "train" / "pos").is_dir():
+            return path
+    if not download:
+        raise DataError(
+            f"IMDB not found; set --config.data.path or ${DATA_ENV} to a folder holding "
+            "aclImdb_v1.tar.gz or aclImdb/")
+    return _download(IMDB_URL, cache_dir() / "aclImdb_v1.tar.gz", IMDB_MD5)
+
+
+def _download(url: str, target: pathlib.Path, md5: str) -> pathlib.Path:
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            digest = hashlib.md5()
+            with open(partial, "wb") as f, tqdm(
+                total=total or None, unit="B", unit_scale=True, desc=f"download {target.name}"
+            ) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        partial.unlink(missing_ok=True)
+        raise DataError(
+            f"could not download {url} ({e}); offline? put aclImdb_v1.tar.gz in a folder "
+            f"and pass --config.data.path=FOLDER or set ${DATA_ENV}") from None
+    if digest.hexdigest() != md5:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"checksum mismatch for {url}: got md5 {digest.hexdigest()}, want {md5}")
+    partial.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# Sources. Each returns {split_name: Split}; `load_dataset` adds validation and checks.
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                        "re-encode the file as UTF-8") from None
+
+
+def _check_text(text: str, where: str) -> str:
+    if not text or not text.strip():
+        raise DataError(f"{where}: empty text; remove the row or fill in the text")
+    return text
+
+
+def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """The official aclImdb layout, read from the archive or the extracted folder."""
+    path = find_imdb(cfg.get("path"), download=cfg.get("download", True))
+    label_names = ("neg", "pos")
+    texts = {"train": [], "test": []}
+    labels = {"train": [], "test": []}
+
+    def add(member: str, raw: bytes):
+        parts = member.split("/")  # [..., 'aclImdb', split, label, 'id_rating.txt']
+        if len(parts) < 3 or not parts[-1].endswith(".txt"):
+            return
+        split, label = parts[-3], parts[-2]
+        if split in texts and label in label_names:
+            where = f"{path}:{member}"
+            texts[split].append(_check_text(_decode(raw, where), where))
+            labels[split].append(label_names.index(label))
+
+    if path.is_dir():
+        for split in texts:
+            for label in label_names:
+                for f in sorted((path / split / label).glob("*.txt")):
+                    add(f"aclImdb/{split}/{label}/{f.name}", f.read_bytes())
+    else:
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    if member.isfile():
+                        add(member.name, tar.extractfile(member).read())
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{path}: unreadable archive ({e}); re-download aclImdb_v1.tar.gz") from None
+    return {s: Split(texts[s], np.asarray(labels[s], np.int32)) for s in texts}, label_names
+
+
+def _read_rows(path: pathlib.Path, fmt: str) -> Iterable[tuple[int, dict]]:
+    """Yields (line number, row dict) from a CSV or JSON-lines file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the data path")
+    text = _decode(path.read_bytes(), str(path))
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            yield n, row
+
+
+def read_table(path: pathlib.Path, fmt: str, text_field: str, label_field: str,
+               label_names: Sequence[str] | None) -> tuple[list[str], list]:
+    """Reads texts and raw labels; label mapping happens once all splits are known."""
+    texts, raw_labels = [], []
+    for line, row in _read_rows(path, fmt):
+        where = f"{path}:{line}"
+        for field in (text_field, label_field):
+            if field not in row or row[field] is None:
+                raise DataError(f"{where}: missing field '{field}'; set --config.data.text_field / "
+                                "label_field to the file's column names")
+        texts.append(_check_text(str(row[text_field]), where))
+        raw_labels.append((row[label_field], where))
+    if not texts:
+        raise DataError(f"{path}: no rows; the split is empty")
+    return texts, raw_labels
+
+
+def _map_labels(raw_labels, label_names: Sequence[str]) -> np.ndarray:
+    index = {str(name): i for i, name in enumerate(label_names)}
+    out = []
+    for value, where in raw_labels:
+        key = str(value).strip()
+        if key not in index:
+            # Integer labels are accepted as class indices.
+            if key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names):
+                out.append(int(key))
+                continue
+            raise DataError(f"{where}: unknown label '{value}'; expected one of "
+                            f"{list(label_names)} (set --config.data.label_names)")
+        out.append(index[key])
+    return np.asarray(out, np.int32)
+
+
+def _load_tables(files: dict[str, pathlib.Path], fmt: str, cfg):
+    label_names = tuple(cfg.get("label_names") or ())
+    read = {s: read_table(p, fmt, cfg.text_field, cfg.label_field, label_names)
+            for s, p in files.items()}
+    if not label_names:  # infer from the training split, sorted for determinism
+        label_names = tuple(sorted({str(v).strip() for v, _ in read["train"][1]}))
+    splits = {s: Split(texts, _map_labels(raw, label_names)) for s, (texts, raw) in read.items()}
+    return splits, label_names
+
+
+def load_nusax(cfg):
+    if cfg.language not in NUSAX_LANGUAGES:
+        raise DataError(f"unknown NusaX language '{cfg.language}'; choose one of {list(NUSAX_LANGUAGES)}")
+    roots = _candidates(cfg.get("path"), "nusax_senti")
+    root = next((r / cfg.language for r in roots if (r / cfg.language / "train.csv").is_file()), None)
+    if root is None:
+        raise DataError(f"NusaX-Senti '{cfg.language}' not found; set --config.data.path or "
+                        f"${DATA_ENV} to a folder holding nusax_senti/{cfg.language}/train.csv")
+    cfg = _with(cfg, text_field="text", label_field="label", label_names=NUSAX_LABELS)
+    files = {"train": root / "train.csv", "validation": root / "valid.csv", "test": root / "test.csv"}
+    return _load_tables(files, "csv", cfg)
+
+
+def _table_loader(fmt: str):
+    def load(cfg):
+        files = {s: pathlib.Path(p).expanduser() for s, p in
+                 (("train", cfg.get("train_file")), ("validation", cfg.get("validation_file")),
+                  ("test", cfg.get("test_file"))) if p}
+        if "train" not in files:
+            raise DataError(f"{fmt} dataset needs --config.data.train_file=PATH")
+        return _load_tables(files, fmt, cfg)
+    return load
+
+
+def load_huggingface(cfg):
+    """A dataset from the Hugging Face hub or a local folder (needs `datasets`)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "0")
+    import datasets  # optional dependency path
+
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.get("hf_config") or None)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
+        raise DataError(f"could not load Hugging Face dataset '{cfg.hf_name}' ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); offline? set "
+                        "HF_DATASETS_OFFLINE=1 and use a local path") from None
+    names = {"train": "train", "validation": "validation", "test": "test"}
+    label_names = tuple(cfg.get("label_names") or ())
+    feature = ds["train"].features.get(cfg.label_field)
+    if not label_names and hasattr(feature, "names"):
+        label_names = tuple(feature.names)
+    raw = {}
+    for ours, theirs in names.items():
+        if theirs in ds:
+            rows = ds[theirs]
+            raw[ours] = ([_check_text(t, f"{cfg.hf_name}[{theirs}][{i}]") for i, t in enumerate(rows[cfg.text_field])],
+                         [(v, f"{cfg.hf_name}[{theirs}][{i}]") for i, v in enumerate(rows[cfg.label_field])])
+    if not label_names:
+        label_names = tuple(sorted({str(v) for v, _ in raw["train"][1]}))
+    return {s: Split(t, _map_labels(r, label_names)) for s, (t, r) in raw.items()}, label_names
+
+
+def load_tfds(cfg):
+    """A TFDS dataset by name (needs tensorflow-datasets and its data already prepared)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.get("path"))
+        splits = {}
+        for ours, theirs in (("train", "train"), ("test", "test"), ("validation", "validation")):
+            if theirs in builder.info.splits:
+                rows = list(tfds.as_numpy(builder.as_dataset(split=theirs)))
+                texts = [_check_text(_decode(r[cfg.text_field], f"{cfg.tfds_name}[{theirs}][{i}]"),
+                                     f"{cfg.tfds_name}[{theirs}][{i}]") for i, r in enumerate(rows)]
+                splits[ours] = Split(texts, np.asarray([r[cfg.label_field] for r in rows], np.int32))
+        names = builder.info.features[cfg.label_field].names
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"could not load TFDS dataset '{cfg.tfds_name}' ({type(e).__name__}); "
+                        "prepare it first or point --config.data.path at its data_dir") from None
+    return splits, tuple(cfg.get("label_names") or names)
+
+
+SOURCES: dict[str, Callable] = {
+    "imdb": load_imdb,
+    "nusax_senti": load_nusax,
+    "csv": _table_loader("csv"),
+    "jsonl": _table_loader("jsonl"),
+    "huggingface": load_huggingface,
+    "tfds": load_tfds,
+}
+
+
+def _with(cfg, **updates):
+    import ml_collections
+
+    out = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    for k, v in updates.items():
+        out[k] = v
+    return out
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Deterministic split of train into (train, validation), stratified by label."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for label in np.unique(train.labels):
+        idx = np.flatnonzero(train.labels == label)
+        rng.shuffle(idx)
+        val_idx.extend(idx[: int(round(fraction * len(idx)))])
+    is_val = np.zeros(len(train.labels), bool)
+    is_val[val_idx] = True
+    pick = lambda mask: Split([t for t, m in zip(train.texts, mask) if m], train.labels[mask])
+    return pick(~is_val), pick(is_val)
+
+
+def subsample(split: Split, n: int, seed: int) -> Split:
+    """A seeded random subset of at most n examples, kept in the original order."""
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split.texts))[:n])
+    return Split([split.texts[i] for i in idx], split.labels[idx])
+
+
+def load_dataset(cfg) -> Dataset:
+    """Loads `cfg.name` and guarantees non-empty train, validation and test splits."""
+    if cfg.name not in SOURCES:
+        raise DataError(f"unknown dataset '{cfg.name}'; choose one of {sorted(SOURCES)}")
+    splits, label_names = SOURCES[cfg.name](cfg)
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = carve_validation(
+            splits["train"], cfg.validation_fraction, cfg.validation_seed)
+    if "test" not in splits:
+        raise DataError(f"dataset '{cfg.name}' has no test split; set --config.data.test_file")
+    if cfg.get("max_examples"):
+        splits = {s: subsample(v, cfg.max_examples, cfg.validation_seed) for s, v in splits.items()}
+    for name, split in splits.items():
+        if len(split.texts) == 0:
+            raise DataError(f"dataset '{cfg.name}': the {name} split is empty; add data or "
+                            "lower --config.data.validation_fraction")
+    return Dataset(cfg.name, tuple(str(n) for n in label_names), splits)

@@ -1,0 +1,49 @@
+"""Command line: `python -m sentiment_jax.main --config=configs/lstm.py --workdir=DIR [--mode=eval]`."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: FILE.py:VARIANT.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.", required=True)
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if DIR has checkpoints) or eval.")
+flags.DEFINE_string("split", None, "eval: the split to report (default config.eval.split).")
+flags.DEFINE_string("checkpoint", None, "eval: best, latest or a step number (default config.eval.checkpoint).")
+flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (for testing sharding).")
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; our progress goes to stdout
+        logging.set_verbosity(logging.WARNING)
+    import jax
+
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    from sentiment_jax import checkpoints, data, train
+
+    workdir = pathlib.Path(FLAGS.workdir)
+    try:
+        cfg = FLAGS.config if FLAGS.config is not None else train.load_config(workdir)
+        if FLAGS.mode == "train":
+            if FLAGS.config is None:
+                raise ValueError("--config is required to train")
+            train.train_and_evaluate(cfg, workdir)
+        else:
+            train.evaluate(cfg, workdir, split=FLAGS.split or cfg.eval.split,
+                           which=FLAGS.checkpoint or cfg.eval.checkpoint)
+    except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        logging.debug("error details", exc_info=True)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

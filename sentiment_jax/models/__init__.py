@@ -1,0 +1,45 @@
+"""Model registry: `config.model.name` -> a builder taking (model config, vocab size, outputs, rngs).
+
+Every model is an `nnx.Module` called as `model(ids, mask, deterministic=..., rngs=...)`
+and returning float32 logits [B, num_outputs].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sentiment_jax.models import recurrent
+
+# Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
+nnx.use_eager_sharding(False)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _recurrent(cell: str) -> Callable:
+    def build(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+        return recurrent.RecurrentClassifier(
+            vocab_size=vocab_size, num_outputs=num_outputs, cell=cell,
+            embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
+            bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
+            pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
+            head_sizes=tuple(cfg.head_sizes), unroll=cfg.unroll, dtype=DTYPES[cfg.dtype], rngs=rngs)
+    return build
+
+
+MODELS: dict[str, Callable] = {
+    "lstm": _recurrent("lstm"),
+    "gru": _recurrent("gru"),
+    "rnn": _recurrent("rnn"),
+}
+
+
+def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model '{cfg.name}'; choose one of {sorted(MODELS)}")
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"unknown model.dtype '{cfg.dtype}'; choose one of {sorted(DTYPES)}")
+    return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs)

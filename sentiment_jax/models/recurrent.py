@@ -1,0 +1,229 @@
+"""Recurrent text classifiers: LSTM, GRU and SimpleRNN cells on one masked-scan machinery.
+
+Variable length is exact for either padding side: a padded step leaves the carry
+unchanged and emits zeros, so the forward direction ends on each sequence's own last
+token and the reverse scan (`lax.scan(reverse=True)`) starts there. No flipping of ragged
+sequences is needed, and padding can never change a prediction.
+
+The input projection `x @ W_x + b` of every time step is one large matmul outside the
+scan; only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
+GRU: r, z, n) so weights can be compared one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Carry = tuple[jax.Array, ...]
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype=jnp.float32) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class _Cell(nnx.Module):
+    """Shared parameters: input kernel [in, G*H], recurrent kernel [H, G*H], bias [G*H]."""
+
+    num_gates: int
+
+    def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
+        self.hidden = hidden
+        width = self.num_gates * hidden
+        self.input_kernel = _param(rngs, nnx.initializers.glorot_uniform(), (in_features, width),
+                                   ("embed", "gates"))
+        self.recurrent_kernel = _param(rngs, _orthogonal_per_gate(self.num_gates), (hidden, width),
+                                       ("hidden", "gates"))
+        self.bias = _param(rngs, nnx.initializers.zeros_init(), (width,), ("gates",))
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """Input contribution for all steps at once: [B, T, in] -> [B, T, G*H]."""
+        return x @ self.input_kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+    def initial_carry(self, batch: int, dtype) -> Carry:
+        return (jnp.zeros((batch, self.hidden), dtype),)
+
+    @staticmethod
+    def output(carry: Carry) -> jax.Array:
+        return carry[0]
+
+
+class LSTMCell(_Cell):
+    num_gates = 4
+
+    def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
+        super().__init__(in_features, hidden, rngs=rngs)
+        # Forget-gate bias 1: remember by default early in training.
+        self.bias[...] = self.bias[...].at[hidden:2 * hidden].set(1.0)
+
+    def initial_carry(self, batch: int, dtype) -> Carry:
+        zeros = jnp.zeros((batch, self.hidden), dtype)
+        return (zeros, zeros)
+
+    def step(self, carry: Carry, xp: jax.Array, w_h: jax.Array) -> Carry:
+        h, c = carry
+        i, f, g, o = jnp.split(xp + h @ w_h, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return (jax.nn.sigmoid(o) * jnp.tanh(c), c)
+
+
+class GRUCell(_Cell):
+    num_gates = 3
+
+    def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
+        super().__init__(in_features, hidden, rngs=rngs)
+        # The candidate gate needs its recurrent bias inside the reset product.
+        self.recurrent_bias = _param(rngs, nnx.initializers.zeros_init(), (3 * hidden,), ("gates",))
+
+    def step(self, carry: Carry, xp: jax.Array, w_h: jax.Array) -> Carry:
+        (h,) = carry
+        hp = h @ w_h + self.recurrent_bias[...].astype(h.dtype)
+        xr, xz, xn = jnp.split(xp, 3, axis=-1)
+        hr, hz, hn = jnp.split(hp, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * hn)
+        return ((1.0 - z) * n + z * h,)
+
+
+class SimpleRNNCell(_Cell):
+    num_gates = 1
+
+    def step(self, carry: Carry, xp: jax.Array, w_h: jax.Array) -> Carry:
+        return (jnp.tanh(xp + carry[0] @ w_h),)
+
+
+CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": SimpleRNNCell}
+
+
+def _orthogonal_per_gate(num_gates: int):
+    """Orthogonal init for each gate's [H, H] block of the recurrent kernel."""
+    ortho = nnx.initializers.orthogonal()
+
+    def init(key, shape, dtype=jnp.float32):
+        hidden = shape[0]
+        keys = jax.random.split(key, num_gates)
+        return jnp.concatenate([ortho(k, (hidden, hidden), dtype) for k in keys], axis=1)
+
+    return init
+
+
+def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
+                   unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
+    xp = cell.project(x)
+    w_h = cell.recurrent_kernel[...].astype(x.dtype)
+    carry = cell.initial_carry(x.shape[0], x.dtype)
+
+    def body(carry, inputs):
+        xp_t, m_t = inputs
+        new = cell.step(carry, xp_t, w_h)
+        m = m_t[:, None]
+        carry = tuple(jnp.where(m, n, o) for n, o in zip(new, carry))
+        h = cell.output(carry)
+        return carry, jnp.where(m, h, jnp.zeros_like(h))
+
+    carry, outputs = jax.lax.scan(body, carry, (xp.swapaxes(0, 1), mask.T), reverse=reverse,
+                                  unroll=unroll)
+    return cell.output(carry), outputs.swapaxes(0, 1)
+
+
+class RecurrentLayer(nnx.Module):
+    """One uni- or bidirectional layer; outputs concatenate [forward, backward] features."""
+
+    def __init__(self, cell: str, in_features: int, hidden: int, bidirectional: bool,
+                 *, unroll: int = 1, rngs: nnx.Rngs):
+        self.forward = CELLS[cell](in_features, hidden, rngs=rngs)
+        self.backward = CELLS[cell](in_features, hidden, rngs=rngs) if bidirectional else None
+        self.unroll = unroll
+        self.out_features = hidden * (2 if bidirectional else 1)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (final state [B, D], outputs [B, T, D])."""
+        final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
+        if self.backward is not None:
+            final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)
+            final = jnp.concatenate([final, final_b], axis=-1)
+            outputs = jnp.concatenate([outputs, outputs_b], axis=-1)
+        return final, outputs
+
+
+def masked_pool(outputs: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """Mean or max over real time steps of [B, T, D]; an empty sequence pools to zeros."""
+    m = mask[..., None]
+    if how == "mean":
+        return jnp.sum(jnp.where(m, outputs, 0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+    if how == "max":
+        pooled = jnp.max(jnp.where(m, outputs, -jnp.inf), axis=1)
+        return jnp.where(jnp.isfinite(pooled), pooled, 0)
+    raise ValueError(f"unknown pooling '{how}'")
+
+
+POOLINGS = ("last", "mean", "max", "mean_max")
+
+
+class RecurrentClassifier(nnx.Module):
+    """Embedding -> stacked recurrent layers -> pooling -> MLP head -> logits."""
+
+    def __init__(self, *, vocab_size: int, num_outputs: int, cell: str = "lstm", embed_dim: int = 128,
+                 hidden_sizes: Sequence[int] = (128,), bidirectional: bool | Sequence[bool] = True,
+                 pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
+                 head_sizes: Sequence[int] = (), unroll: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling '{pooling}'; choose one of {list(POOLINGS)}")
+        if not hidden_sizes:
+            raise ValueError("model.hidden_sizes needs at least one layer size")
+        directions = ([bool(bidirectional)] * len(hidden_sizes) if isinstance(bidirectional, (bool, int))
+                      else [bool(b) for b in bidirectional])
+        if len(directions) != len(hidden_sizes):
+            raise ValueError(f"model.bidirectional has {len(directions)} entries for "
+                             f"{len(hidden_sizes)} layers; give one per layer or a single bool")
+        self.dtype = dtype
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs, embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.1), ("vocab", "embed")))
+        layers, width = [], embed_dim
+        for hidden, bi in zip(hidden_sizes, directions):
+            layers.append(RecurrentLayer(cell, width, hidden, bi, unroll=unroll, rngs=rngs))
+            width = layers[-1].out_features
+        self.layers = nnx.List(layers)
+        self.pooling = pooling
+        self.embed_dropout = nnx.Dropout(embed_dropout)
+        self.dropout = nnx.Dropout(dropout)
+        width *= 2 if pooling == "mean_max" else 1
+        head = []
+        for size in head_sizes:
+            head.append(nnx.Linear(width, size, rngs=rngs, kernel_init=nnx.with_partitioning(
+                nnx.initializers.lecun_normal(), ("features", "mlp"))))
+            width = size
+        self.head = nnx.List(head)
+        self.out = nnx.Linear(width, num_outputs, rngs=rngs, kernel_init=nnx.with_partitioning(
+            nnx.initializers.lecun_normal(), ("features", "classes")))
+
+    def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The pooled text representation [B, D] fed to the head."""
+        x = self.embed(ids).astype(self.dtype)
+        x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
+        final = None
+        for i, layer in enumerate(self.layers):
+            if i:
+                x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+            final, x = layer(x, mask)
+        if self.pooling == "last":
+            return final
+        if self.pooling == "mean_max":
+            return jnp.concatenate([masked_pool(x, mask, "mean"), masked_pool(x, mask, "max")], axis=-1)
+        return masked_pool(x, mask, self.pooling)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        x = self.features(ids, mask, deterministic=deterministic, rngs=rngs)
+        for dense in self.head:
+            x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+            x = jax.nn.relu(dense(x))
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        return self.out(x).astype(jnp.float32)

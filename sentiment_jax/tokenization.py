@@ -1,0 +1,144 @@
+"""Text -> token ids. The tokenizer is saved in the workdir so eval and serving reuse it exactly.
+
+Two kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_size`, `save`):
+a word-level vocabulary fitted on the training split only, and any Hugging Face
+`tokenizer.json` from a local folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import re
+import shutil
+from typing import Sequence
+
+import numpy as np
+
+PAD_ID, UNK_ID = 0, 1
+_WORD = re.compile(r"[a-z0-9']+")
+_WORD_CASED = re.compile(r"[A-Za-z0-9']+")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class WordTokenizer:
+    """Words from `[a-z0-9']+` with `<br />` removed; 0 = padding, 1 = unknown."""
+
+    kind = "word"
+
+    def __init__(self, words: Sequence[str], lowercase: bool = True):
+        self.words = list(words)
+        self.lowercase = lowercase
+        self._index = {w: i + 2 for i, w in enumerate(self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words) + 2
+
+    def split(self, text: str) -> list[str]:
+        text = text.replace("<br />", " ")
+        if self.lowercase:
+            return _WORD.findall(text.lower())
+        return _WORD_CASED.findall(text)
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], vocab_size: int, lowercase: bool = True) -> "WordTokenizer":
+        counts = collections.Counter()
+        probe = cls([], lowercase)
+        for text in texts:
+            counts.update(probe.split(text))
+        # Most frequent first; ties broken alphabetically so the vocabulary is deterministic.
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return cls([w for w, _ in ranked[: max(vocab_size - 2, 0)]], lowercase)
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        get = self._index.get
+        return [np.fromiter((get(w, UNK_ID) for w in self.split(t)), np.int32) for t in texts]
+
+    def save(self, directory: pathlib.Path) -> None:
+        payload = {"kind": self.kind, "lowercase": self.lowercase, "words": self.words}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(payload))
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer from a local folder, without its own padding/truncation."""
+
+    kind = "huggingface"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    @classmethod
+    def from_folder(cls, path: str | pathlib.Path) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        path = pathlib.Path(path).expanduser()
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"{file}: no tokenizer.json; point --config.data.tokenizer.path "
+                             "at a Hugging Face model folder")
+        return cls(Tokenizer.from_file(str(file)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def save(self, directory: pathlib.Path) -> None:
+        self.tokenizer.save(str(directory / "hf_tokenizer.json"))
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"kind": self.kind, "file": "hf_tokenizer.json"}))
+
+
+def build(cfg, train_texts: Sequence[str]):
+    """Creates the tokenizer a config asks for, fitting a word vocabulary on train only."""
+    if cfg.kind == "word":
+        return WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase)
+    if cfg.kind == "huggingface":
+        if not cfg.get("path"):
+            raise ValueError("tokenizer kind 'huggingface' needs --config.data.tokenizer.path=FOLDER")
+        return HFTokenizer.from_folder(cfg.path)
+    raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word' or 'huggingface'")
+
+
+def load(directory: str | pathlib.Path):
+    """Loads the tokenizer saved with a run."""
+    directory = pathlib.Path(directory)
+    file = directory / TOKENIZER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; is {directory} a sentiment_jax workdir?")
+    payload = json.loads(file.read_text())
+    if payload["kind"] == "word":
+        return WordTokenizer(payload["words"], payload["lowercase"])
+    from tokenizers import Tokenizer
+
+    return HFTokenizer(Tokenizer.from_file(str(directory / payload["file"])))
+
+
+def pad(sequences: Sequence[np.ndarray], max_length: int, padding: str = "pre",
+        truncation: str = "pre") -> tuple[np.ndarray, np.ndarray]:
+    """Packs id sequences into an [N, max_length] array (pad id 0) and their lengths.
+
+    `truncation='pre'` drops tokens from the front (keeps the end of a review);
+    `padding='pre'` puts the padding in front, as Keras does.
+    """
+    for name, side in (("padding", padding), ("truncation", truncation)):
+        if side not in ("pre", "post"):
+            raise ValueError(f"data.{name} must be 'pre' or 'post', got '{side}'")
+    ids = np.zeros((len(sequences), max_length), np.int32)
+    lengths = np.zeros(len(sequences), np.int32)
+    for i, seq in enumerate(sequences):
+        seq = seq[-max_length:] if truncation == "pre" else seq[:max_length]
+        n = len(seq)
+        lengths[i] = n
+        if n:
+            if padding == "pre":
+                ids[i, max_length - n:] = seq
+            else:
+                ids[i, :n] = seq
+    return ids, lengths

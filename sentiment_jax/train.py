@@ -1,0 +1,396 @@
+"""One train loop and one eval path for every model, sharded over a `jax.sharding.Mesh`.
+
+The model is an NNX module; the step functions are pure: they take the model's
+parameters as an `nnx.State`, merge them with the static graph inside `jax.jit`, and
+return new state. Shardings are explicit on every jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from sentiment_jax import checkpoints
+from sentiment_jax import data as data_lib
+from sentiment_jax import input_pipeline
+from sentiment_jax import metrics as metrics_lib
+from sentiment_jax import models
+from sentiment_jax import sharding
+from sentiment_jax import tokenization
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trainable variables (nnx.Param)
+    rest: nnx.State  # other model variables, e.g. BatchNorm statistics
+    opt_state: Any
+    rng: jax.Array  # base key; the key of step s is fold_in(rng, s), so resuming is exact
+
+
+# ---------------------------------------------------------------------------------------
+# Losses: softmax cross-entropy over K logits, or sigmoid BCE over one logit (binary).
+
+
+def num_outputs(cfg, num_classes: int) -> int:
+    if cfg.train.loss == "softmax":
+        return num_classes
+    if cfg.train.loss == "sigmoid":
+        if num_classes != 2:
+            raise ValueError(f"train.loss 'sigmoid' needs 2 classes, the data has {num_classes}; use 'softmax'")
+        return 1
+    raise ValueError(f"unknown train.loss '{cfg.train.loss}'; choose 'softmax' or 'sigmoid'")
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+    """Class probabilities [B, K] from either loss's logits."""
+    if logits.shape[-1] == 1:
+        p = jax.nn.sigmoid(logits[:, 0])
+        return jnp.stack([1 - p, p], axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    if logits.shape[-1] == 1:
+        return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def predictions(logits: jax.Array) -> jax.Array:
+    return (logits[:, 0] > 0).astype(jnp.int32) if logits.shape[-1] == 1 else jnp.argmax(logits, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and state.
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    t = cfg.train
+    warmup = int(t.warmup_fraction * total_steps)
+    if t.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(warmup, 1), max(total_steps, warmup + 1),
+                                                t.learning_rate * t.final_lr_fraction)
+    elif t.schedule == "linear":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
+                                   optax.linear_schedule(t.learning_rate, t.learning_rate * t.final_lr_fraction,
+                                                         max(total_steps - warmup, 1))], [warmup])
+    elif t.schedule == "constant":
+        lr = t.learning_rate
+    else:
+        raise ValueError(f"unknown train.schedule '{t.schedule}'; choose cosine, linear or constant")
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # kernels, not biases
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
+                       optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+@dataclasses.dataclass
+class Setup:
+    """The static parts of a run: graph, optimizer, mesh and shardings."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    state_sharding: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int) -> tuple[TrainState, Setup]:
+    """Initialises parameters directly into their shardings and the optimizer state beside them."""
+    outputs = num_outputs(cfg, num_classes)
+    build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed))
+    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    param_sharding = sharding.state_shardings(abstract_params, mesh, cfg.mesh)
+    rest_sharding = sharding.state_shardings(abstract_rest, mesh, cfg.mesh)
+
+    @functools.partial(jax.jit, out_shardings=(param_sharding, rest_sharding))
+    def init():
+        _, params, rest = nnx.split(build(), nnx.Param, ...)
+        return params, rest
+
+    params, rest = init()
+    tx = make_optimizer(cfg, total_steps)
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the parameter shardings
+    replicated = sharding.replicated(mesh)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
+                       opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
+                                                               replicated))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh))
+
+
+def model_item(state: TrainState) -> dict:
+    """What eval and serving need from a checkpoint."""
+    return {"params": state.params, "rest": state.rest}
+
+
+def train_item(state: TrainState) -> dict:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def parameter_counts(state: TrainState) -> dict[str, int]:
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    return {"trainable_params": count(state.params), "total_params": count(state.params) + count(state.rest)}
+
+
+# ---------------------------------------------------------------------------------------
+# Step functions.
+
+METRIC_KEYS = ("loss_sum", "correct", "count")
+
+
+def zero_metrics(mesh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(mesh)) for k in METRIC_KEYS}
+
+
+def make_train_step(setup: Setup):
+    graphdef, tx = setup.graphdef, setup.tx
+
+    def train_step(state: TrainState, batch: dict, sums: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
+            losses = per_example_loss(logits, batch["label"]) * batch["weight"]
+            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return loss, (logits, losses, rest)
+
+        (_, (logits, losses, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = (predictions(logits) == batch["label"]) * batch["weight"]
+        sums = {"loss_sum": sums["loss_sum"] + jnp.sum(losses), "correct": sums["correct"] + jnp.sum(correct),
+                "count": sums["count"] + jnp.sum(batch["weight"])}
+        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), sums
+
+    metric_sharding = {k: sharding.replicated(setup.mesh) for k in METRIC_KEYS}
+    return jax.jit(train_step, in_shardings=(setup.state_sharding, setup.batch_sharding, metric_sharding),
+                   out_shardings=(setup.state_sharding, metric_sharding), donate_argnums=(0, 2))
+
+
+def make_predict_step(setup: Setup, param_sharding, rest_sharding):
+    """Jitted (params, rest, ids, mask) -> class probabilities, replicated on every device."""
+    graphdef = setup.graphdef
+
+    def predict(params, rest, ids, mask):
+        return probabilities(nnx.merge(graphdef, params, rest)(ids, mask, deterministic=True))
+
+    return jax.jit(predict, in_shardings=(param_sharding, rest_sharding, setup.batch_sharding,
+                                          setup.batch_sharding),
+                   out_shardings=sharding.replicated(setup.mesh))
+
+
+def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Batches, setup: Setup,
+                          progress: str | None = None) -> np.ndarray:
+    """Probabilities [N, K] for a whole split, in order (the final batch's padding dropped)."""
+    out = []
+    order = batches.order(0)
+    for indices in tqdm(order, desc=progress, disable=progress is None or jax.process_index() != 0,
+                        leave=False, mininterval=2):
+        batch = batches.batch(indices)
+        arrays = sharding.put_batch({"ids": batch["ids"], "mask": batch["mask"]}, setup.batch_sharding)
+        probs = np.asarray(predict_step(params, rest, arrays["ids"], arrays["mask"]))
+        out.append(probs[indices >= 0])
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Data for a run.
+
+
+def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
+    """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded)."""
+    dataset = data_lib.load_dataset(cfg.data)
+    if fit_tokenizer and not (workdir / tokenization.TOKENIZER_FILE).is_file():
+        if jax.process_index() == 0:
+            tokenization.build(cfg.data.tokenizer, dataset.splits["train"].texts).save(workdir)
+        sync("tokenizer")
+    tokenizer = tokenization.load(workdir)
+    encoded = input_pipeline.encode_splits(dataset, tokenizer, cfg.data, workdir)
+    return dataset, tokenizer, encoded
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def make_batches(cfg, split: input_pipeline.Encoded, *, train: bool, batch_size: int | None = None):
+    return input_pipeline.Batches(
+        split, batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
+        padding=cfg.data.padding, shuffle=train, seed=cfg.seed, bucket_width=cfg.data.bucket_width,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def save_config(cfg, workdir: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    file = workdir / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; pass --config or a workdir written by a training run")
+    return ml_collections.ConfigDict(json.loads(file.read_text()))
+
+
+# ---------------------------------------------------------------------------------------
+# Train and evaluate.
+
+
+def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, desc=None) -> dict:
+    probs = predict_probabilities(predict_step, params, rest, make_batches(cfg, split, train=False), setup, desc)
+    return metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir)
+    t_start = time.time()
+    mesh = sharding.make_mesh(cfg.mesh)
+    dataset, tokenizer, encoded = prepare_data(cfg, workdir, fit_tokenizer=True)
+    train_batches = make_batches(cfg, encoded["train"], train=True)
+    steps_per_epoch = len(train_batches)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    state, setup = create_state(cfg, mesh, tokenizer.vocab_size, dataset.num_classes, total_steps)
+    counts = parameter_counts(state)
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    logging.info("data: %s", {s: len(v) for s, v in encoded.items()})
+    logging.info("parameters: %s; mesh %s", counts, dict(mesh.shape))
+    if is_main:
+        print(f"{cfg.model.name}: {counts['trainable_params']:,} trainable / {counts['total_params']:,} total "
+              f"parameters; {len(jax.devices())} devices, mesh {dict(mesh.shape)}", flush=True)
+
+    mngr = checkpoints.manager(workdir, cfg.checkpoint)
+    meta = {"epoch_sums": {k: 0.0 for k in METRIC_KEYS}, "epoch_seconds": 0.0}
+    if mngr.latest_step() is not None:
+        step = mngr.latest_step()
+        restored = checkpoints.restore(
+            mngr, step, model=checkpoints.abstract(model_item(state)),
+            train=checkpoints.abstract(train_item(state)), meta=None)
+        state = TrainState(params=restored["model"]["params"], rest=restored["model"]["rest"],
+                           **restored["train"])
+        meta = restored["meta"]
+        logging.info("resumed from step %d", step)
+        if is_main:
+            print(f"resuming from checkpoint step {step}", flush=True)
+
+    train_step = make_train_step(setup)
+    predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
+    step = int(state.step)
+    writer.write(step, counts, kind="params")
+
+    def checkpoint(step, epoch, index, sums, seconds, val=None):
+        checkpoints.save(mngr, step, model_item(state), train_item(state),
+                         {"epoch": epoch, "batch_index": index, "epoch_seconds": seconds,
+                          "epoch_sums": {k: float(v) for k, v in jax.device_get(sums).items()}},
+                         metrics=val)
+
+    first_epoch, first_index = divmod(step, steps_per_epoch)
+    for epoch in range(first_epoch, cfg.train.epochs):
+        start = first_index if epoch == first_epoch else 0
+        sums = zero_metrics(mesh)
+        prior_seconds = 0.0
+        if start:  # resumed mid-epoch: continue the epoch's running sums and clock
+            sums = {k: jax.device_put(jnp.float32(meta["epoch_sums"][k]), sharding.replicated(mesh))
+                    for k in METRIC_KEYS}
+            prior_seconds = meta["epoch_seconds"]
+        t0 = time.time()
+        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not is_main, mininterval=1, dynamic_ncols=True)
+        seen, t_log = 0, time.time()
+        for index, batch in train_batches.epoch(epoch, start):
+            state, sums = train_step(state, sharding.put_batch(batch, setup.batch_sharding), sums)
+            step += 1
+            seen += len(batch["label"]) * jax.process_count()
+            bar.update(1)
+            if step % cfg.train.log_every == 0:
+                host = jax.device_get(sums)
+                rate = seen / (time.time() - t_log)
+                seen, t_log = 0, time.time()
+                bar.set_postfix(loss=f"{host['loss_sum'] / host['count']:.4f}",
+                                acc=f"{host['correct'] / host['count']:.4f}", ex_s=f"{rate:.0f}")
+                writer.write(step, {"train/running_loss": host["loss_sum"] / host["count"],
+                                    "train/examples_per_s": rate})
+            at_epoch_end = index + 1 == steps_per_epoch
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
+                checkpoint(step, epoch, index + 1, sums, prior_seconds + time.time() - t0)
+        bar.close()
+        host = jax.device_get(sums)
+        seconds = prior_seconds + time.time() - t0
+        val = evaluate_split(cfg, setup, predict_step, state.params, state.rest, encoded["validation"],
+                             dataset.label_names)
+        scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"],
+                   "val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"], "epoch_seconds": seconds,
+                   "train/examples_per_s": host["count"] / seconds}
+        writer.write(step, scalars, kind="epoch", epoch=epoch + 1)
+        if is_main:
+            print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)
+        checkpoint(step, epoch + 1, 0, zero_metrics(mesh), 0.0,
+                   val={"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]})
+    mngr.wait_until_finished()
+
+    # Report on test with the best checkpoint, exactly as an eval-only run would.
+    result = evaluate(cfg, workdir, split="test", which="best", mngr=mngr, setup=setup, state=state,
+                      encoded=encoded, dataset=dataset)
+    result["wall_seconds"] = time.time() - t_start
+    result.update(counts)
+    writer.write(step, {"test/accuracy": result["accuracy"], "test/macro_f1": result["macro_f1"]}, kind="test")
+    writer.close()
+    if is_main:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    mngr.close()
+    return result
+
+
+def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: str | int = "best",
+             mngr=None, setup: Setup | None = None, state: TrainState | None = None, encoded=None,
+             dataset=None) -> dict:
+    """Eval-only: restores the params of one checkpoint on the current devices and reports a split."""
+    workdir = pathlib.Path(workdir)
+    if encoded is None:
+        dataset, _, encoded = prepare_data(cfg, workdir, fit_tokenizer=False)
+    if split not in encoded:
+        raise ValueError(f"unknown split '{split}'; choose one of {sorted(encoded)}")
+    if state is None:
+        mesh = sharding.make_mesh(cfg.mesh)
+        vocab = tokenization.load(workdir).vocab_size
+        state, setup = create_state(cfg, mesh, vocab, dataset.num_classes, total_steps=1)
+    own_manager = mngr is None
+    if own_manager:
+        if not (workdir / "checkpoints").is_dir():
+            raise checkpoints.CheckpointError(f"no checkpoints in {workdir}; train first or fix --workdir")
+        mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
+    step = checkpoints.resolve_step(mngr, which)
+    model = checkpoints.restore(mngr, step, model=checkpoints.abstract(model_item(state)))["model"]
+    params, rest = model["params"], model["rest"]
+    if own_manager:
+        mngr.close()
+    predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
+    report = evaluate_split(cfg, setup, predict_step, params, rest, encoded[split], dataset.label_names,
+                            desc=f"eval {split}")
+    report.update({"split": split, "checkpoint_step": int(step), "checkpoint": str(which)})
+    if jax.process_index() == 0:
+        (workdir / f"eval_{split}_{which}.json").write_text(json.dumps(report, indent=2))
+        print(metrics_lib.format_report(report, dataset.label_names), flush=True)
+    return report
