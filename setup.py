@@ -1,0 +1,37 @@
+"""sentiment_jax: text sentiment classification in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Versions known to work together (checked on Python 3.11, CPU).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "datasets==5.2.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+]
+
+EXTRAS = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1"],
+}
+
+setup(
+    name="sentiment_jax",
+    version="0.1.0",
+    description="Text sentiment classification in JAX/Flax: LSTMs, transformers, frozen-backbone verbalizers.",
+    packages=find_packages(include=["sentiment_jax", "sentiment_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
