@@ -1,7 +1,9 @@
 """Model registry: `config.model.name` -> a builder taking (model config, vocab size, outputs, rngs).
 
 Every model is an `nnx.Module` called as `model(ids, mask, deterministic=..., rngs=...)`
-and returning float32 logits [B, num_outputs].
+and returning float32 logits [B, num_outputs]. Models on frozen-backbone features
+(`config.data.inputs = "backbone_features"`, see verbalizer.py) get the feature width as
+`vocab_size` and the features as `ids`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from sentiment_jax.models import recurrent
+from sentiment_jax.models import heads, recurrent
 
 # Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
 nnx.use_eager_sharding(False)
@@ -30,7 +32,12 @@ def _recurrent(cell: str) -> Callable:
     return build
 
 
+def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    return heads.FeatureMLP(vocab_size, tuple(cfg.head_sizes), num_outputs, dropout=cfg.dropout, rngs=rngs)
+
+
 MODELS: dict[str, Callable] = {
+    "feature_mlp": _feature_mlp,
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
     "rnn": _recurrent("rnn"),
