@@ -84,7 +84,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     t = cfg.train
     warmup = int(t.warmup_fraction * total_steps)
     if t.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(warmup, 1), max(total_steps, warmup + 1),
+        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(warmup, 1), max(total_steps, warmup + 2),
                                                 t.learning_rate * t.final_lr_fraction)
     elif t.schedule == "linear":
         lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
@@ -125,8 +125,12 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
 
     params, rest = init()
     tx = make_optimizer(cfg, total_steps)
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the parameter shardings
     replicated = sharding.replicated(mesh)
+    # tx.init's outputs do not depend on the values of params, so jit would leave them on one
+    # device: moments take their parameter's sharding, counters are replicated.
+    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sharding,
+                                         transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
                                                                replicated))
