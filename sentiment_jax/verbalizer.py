@@ -15,7 +15,11 @@ Pooling is cheap next to the encoder, so one pass stores every pooling and switc
   the source project;
 * `cls`: the first token;
 * `mean`: the mean over real tokens (how MiniLM was trained to embed sentences);
-* `layers_mean`: the token mean averaged over `backbone.layers` (0 = the embeddings).
+* `layers_mean`: the token mean averaged over `backbone.layers` (0 = the embeddings);
+* `label_words` (masked-LM verbalizer, checkpoints with an MLM head): the log-probabilities
+  of `backbone.label_words` at the `{mask}` in the template. Their argmax is the zero-shot
+  prediction (`zero_shot`); a linear head trained on them (`model.head_sizes = ()`) learns
+  the label-word mapping from a few examples.
 
 The template is appended after truncation, so it always survives. With `backbone.windows`
 > 1 a long text is cut into up to that many near-equal windows, each gets the template, and
@@ -125,6 +129,7 @@ def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], te
     """
     tok = tokenizer.tokenizer
     before, after = _special_tokens(tok)
+    template = template.replace("{mask}", mask_token(tok))
     suffix = tok.encode(template, add_special_tokens=False).ids if template else []
     room = max_length - len(before) - len(after) - len(suffix)
     if room < 1:
@@ -139,6 +144,23 @@ def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], te
             rows.append(np.asarray(before + part.tolist() + suffix + after, np.int32))
             owner.append(i)
     return rows, np.asarray(owner, np.int64)
+
+
+def mask_token(tok) -> str:
+    """The tokenizer's mask token, which `{mask}` in a template stands for."""
+    return next((t for t in ("[MASK]", "<mask>") if tok.token_to_id(t) is not None), "[MASK]")
+
+
+def label_word_ids(tokenizer: tokenization.HFTokenizer, words: Sequence[str]) -> list[int]:
+    """One token id per label word (as it follows a space); words that split into pieces are refused."""
+    ids = []
+    for word in words:
+        pieces = tokenizer.tokenizer.encode(" " + word, add_special_tokens=False).ids
+        if len(pieces) != 1:
+            raise ValueError(f"label word '{word}' is {len(pieces)} tokens for this tokenizer; choose single-token "
+                             "words in backbone.label_words")
+        ids.append(pieces[0])
+    return ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,7 +185,8 @@ def pool(hidden: jax.Array, mask: jax.Array, layers: Sequence[int]) -> dict[str,
 class Extractor:
     """Jitted, length-bucketed feature extraction over a mesh (batch split on the data axes)."""
 
-    def __init__(self, backbone: Backbone, layers: Sequence[int], mesh, mesh_cfg):
+    def __init__(self, backbone: Backbone, layers: Sequence[int], mesh, mesh_cfg,
+                 label_words: Sequence[str] = ()):
         graphdef, state = nnx.split(backbone.encoder)
         state_sharding = sharding.state_shardings(state, mesh, mesh_cfg)
         self.state = jax.device_put(state, state_sharding)
@@ -173,8 +196,23 @@ class Extractor:
         if bad:
             raise ValueError(f"backbone.layers {tuple(bad)} out of range for {num_layers} hidden states")
 
+        words = None
+        if label_words:
+            if backbone.encoder.mlm_head is None:
+                raise encoders.BackboneError("backbone.label_words needs a checkpoint with a masked-LM head; "
+                                             "this one has none (e.g. MiniLM is a sentence encoder)")
+            words = jnp.asarray(label_word_ids(backbone.tokenizer, label_words))
+            mask_id = backbone.tokenizer.tokenizer.token_to_id(mask_token(backbone.tokenizer.tokenizer))
+
         def features(state, ids, mask):
-            return pool(nnx.merge(graphdef, state)(ids, mask), mask, tuple(layers))
+            encoder = nnx.merge(graphdef, state)
+            hidden = encoder(ids, mask)
+            out = pool(hidden, mask, tuple(layers))
+            if words is not None:  # log p(word) at the (first) mask token
+                at = jnp.argmax(ids == mask_id, axis=1)
+                h = jnp.take_along_axis(hidden[-1], at[:, None, None], axis=1)[:, 0]
+                out["label_words"] = jax.nn.log_softmax(encoder.mlm_head(h, encoder.input_embedding()))[:, words]
+            return out
 
         self.features = jax.jit(features, in_shardings=(state_sharding, self.batch_sharding, self.batch_sharding),
                                 out_shardings=sharding.replicated(mesh))
@@ -229,7 +267,7 @@ def _cache_key(cfg, backbone: Backbone, texts: Sequence[str]) -> str:
     b = cfg.backbone
     recipe = {"backbone": backbone.fingerprint, "template": b.template, "max_length": cfg.data.max_length,
               "truncation": cfg.data.truncation, "windows": b.windows, "layers": list(b.layers),
-              "poolings": POOLINGS}
+              "poolings": POOLINGS, "label_words": list(b.label_words)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode() + b"\0")
@@ -267,14 +305,17 @@ class FeatureInputs:
 def prepare_data(cfg, workdir: pathlib.Path):
     """(dataset, FeatureInputs, {split: Encoded}) with features as ids, for the shared train loop."""
     del workdir  # features are cached per recipe, shared across runs
-    if cfg.backbone.pooling not in POOLINGS:
-        raise ValueError(f"unknown backbone.pooling '{cfg.backbone.pooling}'; choose one of {POOLINGS}")
+    if cfg.backbone.pooling not in POOLINGS + ("label_words",):
+        raise ValueError(f"unknown backbone.pooling '{cfg.backbone.pooling}'; choose one of {POOLINGS} or "
+                         "label_words")
+    if cfg.backbone.pooling == "label_words" and not cfg.backbone.label_words:
+        raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
     if cfg.data.bucket_width:
         raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
     dataset = data_lib.load_dataset(cfg.data)
     backbone = load_backbone(cfg.backbone)
     extractor = functools.cache(lambda: Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh),
-                                                  cfg.mesh))
+                                                  cfg.mesh, cfg.backbone.label_words))
     encoded = {}
     for name, split in dataset.splits.items():
         features = split_features(cfg, backbone, extractor, split.texts, f"features {name}")
@@ -282,3 +323,16 @@ def prepare_data(cfg, workdir: pathlib.Path):
         encoded[name] = input_pipeline.Encoded(x, np.full(len(x), x.shape[1], np.int32), split.labels)
     return dataset, FeatureInputs(encoded["train"].ids.shape[1]), encoded
 
+
+
+def zero_shot(cfg, split: str = "test") -> dict:
+    """Masked-LM verbalizer without training: the class whose label word is most probable."""
+    from sentiment_jax import metrics
+
+    cfg = cfg.copy_and_resolve_references()
+    cfg.backbone.pooling = "label_words"
+    dataset, _, encoded = prepare_data(cfg, None)
+    if len(cfg.backbone.label_words) != dataset.num_classes:
+        raise ValueError(f"backbone.label_words has {len(cfg.backbone.label_words)} words for "
+                         f"{dataset.num_classes} classes {dataset.label_names}; give one per class, in order")
+    return metrics.classification_report(encoded[split].labels, encoded[split].ids.argmax(1), dataset.label_names)

@@ -49,6 +49,34 @@ def test_bert_matches_pytorch_with_minilm_weights():
     ids, mask = _batch(config["vocab_size"], [37, 12, 64])
     last, hidden = _reference(reference, ids, mask)
     _check(ours(ids, mask), last, hidden, mask)
+    assert ours.mlm_head is None  # a sentence encoder: no masked-LM head
+
+
+def _check_mlm(ours, reference, ids, mask):
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    hidden = ours(ids, mask)[-1]
+    np.testing.assert_allclose(np.asarray(ours.mlm_head(hidden, ours.input_embedding()))[mask.astype(bool)],
+                               logits.numpy()[mask.astype(bool)], atol=1e-4, rtol=1e-4)
+
+
+def _randomise_norms(model):
+    with torch.no_grad():  # LayerNorm weights are ones at init; randomise them so they are checked too
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_bert_masked_lm_head_matches_pytorch(tmp_path):
+    config = transformers.BertConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = transformers.BertForMaskedLM(config).eval()
+    _randomise_norms(reference)
+    reference.save_pretrained(tmp_path)  # keys under "bert." and "cls.predictions."
+    ours, _ = encoders.load_encoder(tmp_path)
+    assert ours.mlm_head is not None
+    _check_mlm(ours, reference, *_batch(200, [20, 7], seed=2))
 
 
 def test_modernbert_matches_pytorch_with_random_weights(tmp_path):
@@ -57,18 +85,18 @@ def test_modernbert_matches_pytorch_with_random_weights(tmp_path):
         local_attention=16, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         cls_token_id=1, sep_token_id=2)
     torch.manual_seed(0)
-    reference = transformers.ModernBertModel(config).eval()
-    with torch.no_grad():  # LayerNorm weights are ones at init; randomise them so they are checked too
-        for name, p in reference.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    reference.save_pretrained(tmp_path)
+    reference = transformers.ModernBertForMaskedLM(config).eval()
+    _randomise_norms(reference)
+    with torch.no_grad():
+        reference.decoder.bias.normal_()
+    reference.save_pretrained(tmp_path)  # keys under "model.", "head." and "decoder."
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "modernbert"
-    reference = transformers.ModernBertModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    reference = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ours, _ = encoders.load_encoder(tmp_path)
     ids, mask = _batch(300, [40, 9, 33], seed=1)
-    last, hidden = _reference(reference, ids, mask)
+    last, hidden = _reference(reference.model, ids, mask)
     _check(ours(ids, mask), last, hidden, mask)
+    _check_mlm(ours, reference, ids, mask)
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -24,12 +24,13 @@ def _tiny_bert(folder: pathlib.Path) -> pathlib.Path:
     """config.json, model.safetensors (random, checkpoint names) and a word-level tokenizer.json."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     config = {"model_type": "bert", "vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
@@ -41,6 +42,11 @@ def _tiny_bert(folder: pathlib.Path) -> pathlib.Path:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = np.asarray(var[...])
         weights[encoders._hf_key(encoders.BertEncoder, path)] = value.T.copy() if path[-1] == "kernel" else value
+    rng = np.random.default_rng(0)  # a random masked-LM head, as BertForMaskedLM stores it
+    for name, shape in (("transform.dense.weight", (16, 16)), ("transform.dense.bias", (16,)),
+                        ("transform.LayerNorm.weight", (16,)), ("transform.LayerNorm.bias", (16,)),
+                        ("bias", (len(vocab),))):
+        weights["cls.predictions." + name] = rng.normal(size=shape).astype(np.float32)
     save_file(weights, str(folder / "model.safetensors"))
     return folder
 
@@ -94,6 +100,23 @@ def test_padding_never_changes_features(folder, tmp_path):
     np.testing.assert_allclose(together["final"][0], hidden[-1, 0, -1], atol=1e-5)
     np.testing.assert_allclose(together["cls"][0], hidden[-1, 0, 0], atol=1e-5)
     np.testing.assert_allclose(together["layers_mean"][0], hidden[jnp.asarray([0, -1]), 0].mean((0, 1)), atol=1e-5)
+
+
+def test_label_words_are_log_probabilities_at_the_mask(folder, tmp_path):
+    cfg = _cfg(folder, tmp_path)
+    backbone = verbalizer.load_backbone(cfg.backbone)
+    extract = verbalizer.Extractor(backbone, (-1,), sharding.make_mesh(cfg.mesh), cfg.mesh, ("bad", "good"))
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, ["a good film", "awful plot"], " it was {mask} .", 16)
+    assert all(list(r).count(4) == 1 for r in rows)  # {mask} became the [MASK] token
+    scores = extract(rows, 8, 8)["label_words"]
+    enc = backbone.encoder
+    for row, got in zip(rows, scores):
+        hidden = enc(jnp.asarray(row)[None], jnp.ones((1, len(row)), jnp.int32))[-1, 0, list(row).index(4)]
+        logp = jax.nn.log_softmax(enc.mlm_head(hidden, enc.input_embedding()))
+        np.testing.assert_allclose(got, logp[np.asarray([WORDS.index("bad"), WORDS.index("good")]) + 5],
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="single-token"):
+        verbalizer.label_word_ids(backbone.tokenizer, ["good film"])
 
 
 def test_windows_average_their_features():

@@ -112,6 +112,10 @@ class BertEncoder(nnx.Module):
         self.token_type_embeddings = _embed(rngs, c["type_vocab_size"], h, (None, "embed"), dtype)
         self.embed_norm = _norm(rngs, h, c["layer_norm_eps"], dtype=dtype)
         self.layers = nnx.List([BertLayer(c, dtype, rngs) for _ in range(c["num_hidden_layers"])])
+        self.mlm_head: MlmHead | None = nnx.data(None)  # set by load_encoder if the checkpoint has one
+
+    def input_embedding(self) -> jax.Array:
+        return self.word_embeddings.embedding[...]
 
     def __call__(self, ids, mask):
         positions = jnp.arange(ids.shape[1])[None, :]
@@ -186,6 +190,10 @@ class ModernBertEncoder(nnx.Module):
         self.embed_norm = _norm(rngs, h, eps, nb, dtype)
         self.layers = nnx.List([ModernBertLayer(c, i, dtype, rngs) for i in range(c["num_hidden_layers"])])
         self.final_norm = _norm(rngs, h, eps, nb, dtype)
+        self.mlm_head: MlmHead | None = nnx.data(None)  # set by load_encoder if the checkpoint has one
+
+    def input_embedding(self) -> jax.Array:
+        return self.tok_embeddings.embedding[...]
 
     def __call__(self, ids, mask):
         """Hidden states: the embeddings, each layer's output, and the last one final-normed."""
@@ -216,6 +224,56 @@ def _modernbert_defaults(c: dict) -> dict:
                                                                        c.get("local_rope_theta", 10000.0)),
     }
     return c
+
+
+# ---------------------------------------------------------------------------------------
+# Masked-LM head (for the label-word verbalizer), when the checkpoint has one.
+
+
+class MlmHead(nnx.Module):
+    """dense -> activation -> LayerNorm -> logits against the (tied) input embeddings + a bias."""
+
+    def __init__(self, hidden: int, vocab: int, act: str, eps: float, dense_bias: bool, norm_bias: bool,
+                 dtype, rngs: nnx.Rngs):
+        self.act = ACTIVATIONS[act]
+        self.dense = _dense(rngs, hidden, hidden, ("embed", "mlp"), dense_bias, dtype)
+        self.norm = _norm(rngs, hidden, eps, norm_bias, dtype)
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("vocab",))(rngs.params(), (vocab,)))
+
+    def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., V] of hidden states x [..., H]; embedding [V, H]."""
+        x = self.norm(self.act(self.dense(x)))
+        return (x @ embedding.T.astype(x.dtype)).astype(jnp.float32) + self.bias[...]
+
+
+# Checkpoint names of (dense, norm, output bias) in BertForMaskedLM / ModernBertForMaskedLM.
+MLM_NAMES = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                      "cls.predictions.bias"),
+             "modernbert": ("head.dense", "head.norm", "decoder.bias")}
+
+
+def load_mlm_head(config: dict, weights: dict[str, np.ndarray], dtype=None) -> MlmHead | None:
+    """The checkpoint's masked-LM head, or None if it has none (e.g. sentence encoders like MiniLM)."""
+    kind = config["model_type"]
+    dense, norm, bias = MLM_NAMES[kind]
+    if dense + ".weight" not in weights:
+        return None
+    if kind == "bert":
+        act, eps, norm_bias = config["hidden_act"], config["layer_norm_eps"], True
+    else:
+        c = _modernbert_defaults(config)
+        act, eps, norm_bias = c.get("classifier_activation", "gelu"), c["norm_eps"], c["norm_bias"]
+    head = MlmHead(config["hidden_size"], config["vocab_size"], act, eps, dense + ".bias" in weights, norm_bias,
+                   dtype, nnx.Rngs(0))
+    head.dense.kernel[...] = jnp.asarray(weights[dense + ".weight"].T)
+    if head.dense.bias is not None:
+        head.dense.bias[...] = jnp.asarray(weights[dense + ".bias"])
+    head.norm.scale[...] = jnp.asarray(weights[norm + ".weight"])
+    if head.norm.bias is not None:
+        head.norm.bias[...] = jnp.asarray(weights[norm + ".bias"])
+    if bias in weights:
+        head.bias[...] = jnp.asarray(weights[bias])
+    return head
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +322,10 @@ def load_weights(model: nnx.Module, weights: dict[str, np.ndarray]) -> None:
 
 
 def load_encoder(folder: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module, dict]:
-    """(encoder with the folder's weights, its config.json) for a local checkpoint folder."""
+    """(encoder with the folder's weights, its config.json) for a local checkpoint folder.
+
+    `encoder.mlm_head` is the masked-LM head if the checkpoint has one, else None.
+    """
     from safetensors.numpy import load_file
 
     folder = pathlib.Path(folder)
@@ -274,5 +335,7 @@ def load_encoder(folder: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module,
         raise BackboneError(f"{folder}: no model.safetensors (pytorch_model.bin is not read); "
                             "save the checkpoint with safetensors")
     model = ENCODERS[config["model_type"]](config, dtype=dtype, rngs=nnx.Rngs(0))
-    load_weights(model, load_file(str(weights_file)))
+    weights = load_file(str(weights_file))
+    load_weights(model, weights)
+    model.mlm_head = load_mlm_head(config, weights, dtype)
     return model, config
