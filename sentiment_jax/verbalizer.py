@@ -310,6 +310,9 @@ def prepare_data(cfg, workdir: pathlib.Path):
                          "label_words")
     if cfg.backbone.pooling == "label_words" and not cfg.backbone.label_words:
         raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
+    if cfg.backbone.label_words and "{mask}" not in cfg.backbone.template:
+        raise ValueError("backbone.label_words are scored at a {mask} in backbone.template, which has none; "
+                         "e.g. --config.backbone.template=' All in all, it was {mask}.'")
     if cfg.data.bucket_width:
         raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
     dataset = data_lib.load_dataset(cfg.data)

@@ -85,36 +85,27 @@ def test_template_survives_truncation_and_windows_cover_the_text(folder, tmp_pat
     assert all(list(r[-1 - len(template):-1]) == template for r in rows)
 
 
-def test_padding_never_changes_features(folder, tmp_path):
+def test_padding_never_changes_features_and_poolings_pick_the_right_tokens(folder, tmp_path):
     cfg = _cfg(folder, tmp_path)
     backbone = verbalizer.load_backbone(cfg.backbone)
-    extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
+    words = ("bad", "good")
+    extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh, words)
     texts = ["good film", "it was not very good and the plot was bad bad bad", "awful"]
-    rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, TEMPLATE, 32)
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, TEMPLATE + " {mask}", 32)
+    assert all(list(r).count(4) == 1 for r in rows)  # {mask} became the [MASK] token
     together = extract(rows, 8, 8)  # one batch, padded to the longest row
     for i, row in enumerate(rows):
         alone = extract([row], 8, 8)  # its own batch, padded to its own bucket
-        for name in verbalizer.POOLINGS:
+        for name in verbalizer.POOLINGS + ("label_words",):
             np.testing.assert_allclose(together[name][i], alone[name][0], atol=1e-5, err_msg=name)
-    hidden = backbone.encoder(jnp.asarray(rows[0])[None], jnp.ones((1, len(rows[0])), jnp.int32))
-    np.testing.assert_allclose(together["final"][0], hidden[-1, 0, -1], atol=1e-5)
-    np.testing.assert_allclose(together["cls"][0], hidden[-1, 0, 0], atol=1e-5)
-    np.testing.assert_allclose(together["layers_mean"][0], hidden[jnp.asarray([0, -1]), 0].mean((0, 1)), atol=1e-5)
-
-
-def test_label_words_are_log_probabilities_at_the_mask(folder, tmp_path):
-    cfg = _cfg(folder, tmp_path)
-    backbone = verbalizer.load_backbone(cfg.backbone)
-    extract = verbalizer.Extractor(backbone, (-1,), sharding.make_mesh(cfg.mesh), cfg.mesh, ("bad", "good"))
-    rows, _ = verbalizer.encode_windows(backbone.tokenizer, ["a good film", "awful plot"], " it was {mask} .", 16)
-    assert all(list(r).count(4) == 1 for r in rows)  # {mask} became the [MASK] token
-    scores = extract(rows, 8, 8)["label_words"]
-    enc = backbone.encoder
-    for row, got in zip(rows, scores):
-        hidden = enc(jnp.asarray(row)[None], jnp.ones((1, len(row)), jnp.int32))[-1, 0, list(row).index(4)]
-        logp = jax.nn.log_softmax(enc.mlm_head(hidden, enc.input_embedding()))
-        np.testing.assert_allclose(got, logp[np.asarray([WORDS.index("bad"), WORDS.index("good")]) + 5],
-                                   atol=1e-5)
+    enc, row = backbone.encoder, rows[0]
+    hidden = enc(jnp.asarray(row)[None], jnp.ones((1, len(row)), jnp.int32))[:, 0]
+    np.testing.assert_allclose(together["final"][0], hidden[-1, -1], atol=1e-5)
+    np.testing.assert_allclose(together["cls"][0], hidden[-1, 0], atol=1e-5)
+    np.testing.assert_allclose(together["layers_mean"][0], hidden[jnp.asarray([0, -1])].mean((0, 1)), atol=1e-5)
+    logp = jax.nn.log_softmax(enc.mlm_head(hidden[-1, list(row).index(4)], enc.input_embedding()))
+    np.testing.assert_allclose(together["label_words"][0], logp[np.asarray([WORDS.index(w) + 5 for w in words])],
+                               atol=1e-5)
     with pytest.raises(ValueError, match="single-token"):
         verbalizer.label_word_ids(backbone.tokenizer, ["good film"])
 
@@ -158,6 +149,7 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
                     validation_file=_csv(tmp_path / "va.csv", make(16)), test_file=_csv(tmp_path / "te.csv", make(16)))
     cfg.model.update(name="feature_mlp", head_sizes=(8,), dropout=0.0)
     cfg.train.update(epochs=2, batch_size=16, eval_batch_size=16, loss="sigmoid", confidence_penalty=0.1)
+    cfg.backbone.update(template=TEMPLATE + " {mask}", label_words=("bad", "good"))
     cfg.checkpoint.async_save = False
     result = train.train_and_evaluate(cfg, tmp_path / "run1")
     # Only the head is trained: 16*8 + 8 (dense) + 2*8 (BatchNorm scale, bias) + 8 + 1 (output).
@@ -172,6 +164,8 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
     cfg.backbone.pooling = "mean"  # every pooling is cached by the same pass
     _, inputs, encoded = train.prepare_data(cfg, tmp_path / "run1", fit_tokenizer=False)
     assert inputs.vocab_size == 16 and encoded["train"].ids.shape == (48, 16)
+    report = verbalizer.zero_shot(cfg)
+    assert report["num_examples"] == 16 and 0.0 <= report["accuracy"] <= 1.0
 
 def test_backbone_path_errors_are_one_line(tmp_path):
     for path, message in ((str(tmp_path / "missing"), "not a folder"), (str(tmp_path), "no config.json")):
