@@ -27,7 +27,9 @@ class FeatureMLP(nnx.Module):
         width = in_features
         for size in hidden_sizes:
             self.layers.append(dense(width, size, ("features", "mlp")))
-            self.norms.append(nnx.BatchNorm(size, rngs=rngs))
+            # momentum 0.9, not 0.99: a small feature set gives few steps per epoch, and slower
+            # running statistics would still lag behind the weights when we evaluate.
+            self.norms.append(nnx.BatchNorm(size, momentum=0.9, rngs=rngs))
             width = size
         self.out = dense(width, num_outputs, ("mlp", "classes"))
         self.dropout = nnx.Dropout(dropout)
