@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ms = ml_collections.ConfigDict()
     ms.axes = ("data",)
     ms.shape = (-1,)  # -1 takes all remaining devices
+    ms.num_devices = 0  # >0: use only the first N devices
     ms.data_axes = ("data",)  # the batch dimension is split over these
     # Logical parameter axis -> mesh axis (None = replicated).
     ms.logical_axis_rules = (

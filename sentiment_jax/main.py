@@ -45,5 +45,20 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl parsing, with config mistakes (unknown field, bad variant) reported as one line."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        print(f"error: unknown config field {str(e).strip(chr(34))} in {overrides}; see config_base.py "
+              "for the fields", file=sys.stderr)
+        sys.exit(2)
+    except (flags.Error, TypeError, ValueError) as e:
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: {message.strip()}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
