@@ -21,4 +21,4 @@ train: install
 	$(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm
 
 test: install
-	$(PY) -m pytest tests -q -n 2
+	$(PY) -m pytest tests -q -n 2 --dist loadfile
