@@ -8,6 +8,11 @@ from flax import nnx
 from sentiment_jax.models import pooling, recurrent
 
 
+# One compiled program per shape (eager calls would retrace the scan on every call).
+forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
+weights_of = nnx.jit(lambda model, ids, mask: model.attention_weights(ids, mask))
+
+
 def make_model(cell="lstm", **kw):
     return recurrent.RecurrentClassifier(vocab_size=40, num_outputs=1, cell=cell, embed_dim=6, hidden_sizes=(5,),
                                          pooling="attention", attention_dim=4, rngs=nnx.Rngs(0), **kw)
@@ -45,7 +50,7 @@ def test_attention_pool_matches_numpy():
 def test_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding(side):
     model = make_model()
     ids, mask = padded([[3, 4, 5, 6], [9], [2, 8, 11, 12, 13, 14]], 9, side)
-    w = np.asarray(model.attention_weights(ids, mask))
+    w = np.asarray(weights_of(model, ids, mask))
     assert w.shape == (3, 9)
     np.testing.assert_array_equal(w[~np.asarray(mask)], 0.0)
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
@@ -54,10 +59,10 @@ def test_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding(side):
 def test_padding_never_changes_the_prediction():
     model = make_model("gru", bidirectional=True)
     tokens = [[3, 4, 5, 6], [9], [2, 8, 11, 12, 13, 14]]
-    alone = np.concatenate([np.asarray(model(*padded([t], len(t), "post"))) for t in tokens])
+    alone = np.concatenate([np.asarray(forward(model, *padded([t], len(t), "post"))) for t in tokens])
     for side in ("pre", "post"):
         for width in (6, 11):
-            np.testing.assert_allclose(np.asarray(model(*padded(tokens, width, side))), alone, atol=1e-5,
+            np.testing.assert_allclose(np.asarray(forward(model, *padded(tokens, width, side))), alone, atol=1e-5,
                                        err_msg=f"{side} {width}")
 
 

@@ -11,6 +11,9 @@ from flax import nnx
 from sentiment_jax.models import transformer
 
 
+forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
+
+
 def make_model(pooling="mean", positions="sinusoidal", **kw):
     return transformer.TransformerClassifier(vocab_size=30, num_outputs=3, embed_dim=8, num_layers=2, num_heads=2,
                                              mlp_dim=12, positions=positions, max_positions=16, pooling=pooling,
@@ -80,7 +83,7 @@ def numpy_forward(model, ids):
 def test_matches_numpy(pooling, positions):
     model = make_model(pooling, positions)
     for t in TOKENS:
-        got = np.asarray(model(*padded([t], len(t), "post")))[0]
+        got = np.asarray(forward(model, *padded([t], len(t), "post")))[0]
         np.testing.assert_allclose(got, numpy_forward(model, np.asarray(t)), atol=1e-4)
 
 
@@ -91,10 +94,10 @@ def test_matches_numpy(pooling, positions):
 @pytest.mark.parametrize("pooling,positions", [("mean", "learned"), ("cls", "sinusoidal")])
 def test_padding_never_changes_the_prediction(pooling, positions):
     model = make_model(pooling, positions)
-    alone = np.concatenate([np.asarray(model(*padded([t], len(t), "post"))) for t in TOKENS])
+    alone = np.concatenate([np.asarray(forward(model, *padded([t], len(t), "post"))) for t in TOKENS])
     for side in ("pre", "post"):
         for width in (7, 12):
-            np.testing.assert_allclose(np.asarray(model(*padded(TOKENS, width, side))), alone, atol=1e-5,
+            np.testing.assert_allclose(np.asarray(forward(model, *padded(TOKENS, width, side))), alone, atol=1e-5,
                                        err_msg=f"{side} {width}")
 
 
