@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ from flax import nnx
 from sklearn.metrics import f1_score
 
 from sentiment_jax import models
-from tests.conftest import REPO
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 CLASS_WORDS = {"negative": "awful", "neutral": "okay", "positive": "great"}
 
 
