@@ -26,3 +26,67 @@ def real_data() -> pathlib.Path:
     if root is None:
         pytest.skip("real data not found; set SENTIMENT_JAX_DATA")
     return root
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny trained runs for the inference, predict and serving tests.
+
+CUES = {"pos": ["good", "great", "love", "superb"], "neg": ["bad", "awful", "hate", "boring"],
+        "neu": ["okay", "average", "fine", "plain"]}  # by the first three letters of a class name
+FILLER = ["the", "movie", "plot", "was", "and", "a", "film", "it"]
+
+
+def write_split(path: pathlib.Path, labels: list[str], n: int, seed: int) -> None:
+    """A CSV whose label is told by a few cue words among filler words."""
+    import csv
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = list(rng.choice(FILLER, rng.integers(3, 40))) + list(rng.choice(CUES[label[:3]], 2))
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+
+
+def tiny_flags(data_dir: pathlib.Path, model: str, labels: list[str], loss: str) -> list[str]:
+    """Command-line overrides of configs/lstm.py for a tiny run on generated data."""
+    overrides = {"data.name": "csv", "data.max_length": 48, "data.bucket_width": 0,
+                 "data.tokenizer.vocab_size": 64, "model.name": model, "model.embed_dim": 16,
+                 "model.hidden_sizes": "16,", "train.epochs": 3, "train.batch_size": 16,
+                 "train.eval_batch_size": 32, "train.learning_rate": 0.01, "train.loss": loss,
+                 "checkpoint.async_save": False}
+    for split, n, seed in (("train", 160, 0), ("validation", 32, 1), ("test", 32, 2)):
+        write_split(data_dir / f"{split}.csv", labels, n, seed)
+        overrides[f"data.{split}_file"] = data_dir / f"{split}.csv"
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+# name -> (model, class names, loss): one run per model type served in the tests.
+TINY_RUNS = {"lstm": ("lstm", ["neg", "pos"], "sigmoid"),
+             "gru": ("gru", ["negative", "neutral", "positive"], "softmax")}
+
+
+def train_tiny(name: str, root: pathlib.Path) -> pathlib.Path:
+    """Trains TINY_RUNS[name] with the real command line (one CPU device) into root/name."""
+    import subprocess
+    import sys
+
+    model, labels, loss = TINY_RUNS[name]
+    (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py", f"--workdir={root / name}",
+           *tiny_flags(root / f"{name}_data", model, labels, loss)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return root / name
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Each of TINY_RUNS trained once per session; name -> workdir."""
+    root = tmp_path_factory.mktemp("runs")
+    return {name: train_tiny(name, root) for name in TINY_RUNS}
