@@ -25,22 +25,34 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 KEYS_ENV = "SENTIMENT_JAX_API_KEYS"
 KEY_HEADER = "X-API-Key"
+ERRORS = {400: "Malformed JSON", 401: "Missing or invalid API key", 404: "Unknown model",
+          413: "Too many texts, a text too long, or a body too large", 415: "Body not sent as JSON"}
 
 
 # ---------------------------------------------------------------------------------------
 # Request and response bodies (these are also the OpenAPI schema).
 
-Text = Annotated[str, StringConstraints(pattern=r"\S")]  # not empty or only whitespace
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty text")
+    return text
+
+
+Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     texts: list[Text] = Field(min_length=1, description="Texts to classify.")
     model: str | None = Field(None, description="A name from /v1/models; default: the first one served.")
+
+
+class Error(BaseModel):
+    detail: str | list[dict] = Field(description="What was wrong (a list of field errors for 422)")
 
 
 class Prediction(BaseModel):
@@ -188,6 +200,11 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
         if not sum(hmac.compare_digest(given, k) for k in keys):
             raise HTTPException(401, f"missing or invalid API key in the {KEY_HEADER} header")
 
+    def json_body(request: Request) -> None:
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -199,12 +216,12 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
     async def healthz() -> dict:
         return {"status": "ok", "models": len(predictors)}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=[Depends(authorized)], responses={401: {"model": Error}})
     async def list_models() -> ModelList:
         return models
 
-    @app.post("/v1/predict", dependencies=[Depends(authorized)],
-              responses={400: {}, 401: {}, 404: {}, 413: {}})
+    @app.post("/v1/predict", dependencies=[Depends(authorized), Depends(json_body)],
+              responses={code: {"description": text, "model": Error} for code, text in ERRORS.items()})
     async def predict(request: PredictRequest) -> PredictResponse:
         name = request.model or default
         if name not in predictors:
@@ -226,6 +243,11 @@ def jsonable(errors: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in errors]
 
 
+def fail(message) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv) -> None:
     del argv
     from absl import flags, logging
@@ -233,24 +255,24 @@ def main(argv) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from sentiment_jax import checkpoints, data, inference
-
     try:
-        keys = read_keys(FLAGS.api_keys_file)
-        predictors = {}
-        for spec in FLAGS.model:
-            name, sep, workdir = spec.partition("=")
-            if not sep or not name or not workdir:
-                raise ValueError(f"--model={spec}: expected NAME=WORKDIR")
-            if name in predictors:
-                raise ValueError(f"--model: the name '{name}' is given twice")
+        keys = read_keys(FLAGS.api_keys_file)  # before importing JAX, to fail fast
+    except (OSError, ValueError) as e:
+        fail(e)
+    from sentiment_jax import checkpoints, inference
+
+    predictors = {}
+    for spec in FLAGS.model:
+        name, sep, workdir = spec.partition("=")
+        if not sep or not name or not workdir or name in predictors:
+            fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
+        try:
             predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint,
                                               batch_sizes=[int(b) for b in FLAGS.batch_sizes])
-            predictors[name].warmup()
-            print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
-    except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+            fail(f"--model={spec}: {e}")
+        predictors[name].warmup()
+        print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
     import uvicorn
 
     app = create_app(predictors, keys, max_texts=FLAGS.max_texts, max_chars=FLAGS.max_chars)

@@ -71,22 +71,30 @@ TINY_RUNS = {"lstm": ("lstm", ["neg", "pos"], "sigmoid"),
              "gru": ("gru", ["negative", "neutral", "positive"], "softmax")}
 
 
-def train_tiny(name: str, root: pathlib.Path) -> pathlib.Path:
-    """Trains TINY_RUNS[name] with the real command line (one CPU device) into root/name."""
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Each of TINY_RUNS trained once per session with the real command line (in parallel); name -> workdir."""
     import subprocess
     import sys
 
-    model, labels, loss = TINY_RUNS[name]
-    (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py", f"--workdir={root / name}",
-           *tiny_flags(root / f"{name}_data", model, labels, loss)]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    return root / name
+    root = tmp_path_factory.mktemp("runs")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+    procs = {}
+    for name, (model, labels, loss) in TINY_RUNS.items():
+        (root / f"{name}_data").mkdir()
+        cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py", f"--workdir={root / name}",
+               *tiny_flags(root / f"{name}_data", model, labels, loss)]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"training {name} failed:\n{stderr[-3000:]}"
+    return {name: root / name for name in TINY_RUNS}
 
 
 @pytest.fixture(scope="session")
-def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
-    """Each of TINY_RUNS trained once per session; name -> workdir."""
-    root = tmp_path_factory.mktemp("runs")
-    return {name: train_tiny(name, root) for name in TINY_RUNS}
+def predictors(trained_runs):
+    """The tiny runs loaded for inference in this process; name -> inference.Predictor."""
+    from sentiment_jax import inference
+
+    return {name: inference.load(workdir, name=name) for name, workdir in trained_runs.items()}
