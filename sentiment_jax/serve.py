@@ -191,16 +191,16 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
 
     app = FastAPI(title="sentiment_jax", version="1", lifespan=lifespan,
                   description=f"Text sentiment classification. Send an API key in the {KEY_HEADER} header.")
-    # A request within the limits fits, even with every character \\u-escaped (12 bytes).
+    # Room for any request within the limits, even with every character JSON-escaped (up to 12 bytes).
     app.add_middleware(BodyLimit, max_bytes=max_texts * (12 * max_chars + 16) + 1024)
 
-    def authorized(key: str | None = Security(APIKeyHeader(name=KEY_HEADER, auto_error=False))) -> None:
+    async def authorized(key: str | None = Security(APIKeyHeader(name=KEY_HEADER, auto_error=False))) -> None:
         given = (key or "").encode()
         # Compare with every key (no early exit), each in constant time.
         if not sum(hmac.compare_digest(given, k) for k in keys):
             raise HTTPException(401, f"missing or invalid API key in the {KEY_HEADER} header")
 
-    def json_body(request: Request) -> None:
+    async def json_body(request: Request) -> None:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if kind != "application/json":
             raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
@@ -222,17 +222,17 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
 
     @app.post("/v1/predict", dependencies=[Depends(authorized), Depends(json_body)],
               responses={code: {"description": text, "model": Error} for code, text in ERRORS.items()})
-    async def predict(request: PredictRequest) -> PredictResponse:
-        name = request.model or default
+    async def predict(body: PredictRequest) -> PredictResponse:
+        name = body.model or default
         if name not in predictors:
             raise HTTPException(404, f"unknown model '{name}'; loaded: {sorted(predictors)}")
-        if len(request.texts) > max_texts:
-            raise HTTPException(413, f"{len(request.texts)} texts; at most {max_texts} per request")
-        longest = max(range(len(request.texts)), key=lambda i: len(request.texts[i]))
-        if len(request.texts[longest]) > max_chars:
-            raise HTTPException(413, f"texts[{longest}] has {len(request.texts[longest])} characters; "
+        if len(body.texts) > max_texts:
+            raise HTTPException(413, f"{len(body.texts)} texts; at most {max_texts} per request")
+        longest = max(range(len(body.texts)), key=lambda i: len(body.texts[i]))
+        if len(body.texts[longest]) > max_chars:
+            raise HTTPException(413, f"texts[{longest}] has {len(body.texts[longest])} characters; "
                                      f"at most {max_chars}")
-        probs = await batchers[name](request.texts)
+        probs = await batchers[name](body.texts)
         return PredictResponse(model=name, predictions=predictors[name].records(probs))
 
     return app
