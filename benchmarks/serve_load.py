@@ -11,6 +11,7 @@ one JSON line. Every request must succeed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import secrets
@@ -81,6 +82,7 @@ def client(url: str, key: str, texts: list[str], start: int, per_request: int, u
 
 def main(argv) -> None:
     del argv
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     workdir = pathlib.Path(FLAGS.workdir)
     texts = test_texts(workdir, FLAGS.num_texts)
     key = FLAGS.key or secrets.token_hex(16)
@@ -91,6 +93,7 @@ def main(argv) -> None:
         threads = [threading.Thread(target=client, args=(url, key, texts, k * 997, FLAGS.texts_per_request,
                                                          until, latencies, errors))
                    for k in range(FLAGS.clients)]
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -108,6 +111,7 @@ def main(argv) -> None:
         "texts_per_s": round(len(latencies) * FLAGS.texts_per_request / elapsed, 1),
         "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "mean_text_chars": round(float(np.mean([len(t) for t in texts]))), "cpus": os.cpu_count(),
+        "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # shared machine?
     }))
     if errors:
         raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[:5]}")

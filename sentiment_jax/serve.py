@@ -267,8 +267,8 @@ def main(argv) -> None:
         if not sep or not name or not workdir or name in predictors:
             fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
         try:
-            predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint,
-                                              batch_sizes=[int(b) for b in FLAGS.batch_sizes])
+            sizes = [int(b) for b in FLAGS.batch_sizes] if FLAGS.batch_sizes else inference.BATCH_SIZES
+            predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint, batch_sizes=sizes)
         except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
             fail(f"--model={spec}: {e}")
         predictors[name].warmup()
@@ -290,7 +290,7 @@ def define_flags() -> None:
     flags.DEFINE_string("api_keys_file", None, f"File with one API key per line (default: ${KEYS_ENV}).")
     flags.DEFINE_integer("max_texts", 64, "Most texts in one request (more: 413).")
     flags.DEFINE_integer("max_chars", 10_000, "Most characters in one text (more: 413).")
-    flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Compiled batch buckets.")
+    flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default inference.BATCH_SIZES).")
 
 
 if __name__ == "__main__":
