@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1", "httpx==0.28.1", "hypothesis==6.170.15"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1", "httpx==0.28.1",
+             "hypothesis==6.170.15", "filelock==4.2.12"],
 }
 
 setup(

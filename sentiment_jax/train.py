@@ -218,7 +218,6 @@ def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Ba
 LABELS_FILE = "labels.json"
 
 
-
 def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
     """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded)."""
     dataset = data_lib.load_dataset(cfg.data)

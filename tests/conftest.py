@@ -73,22 +73,27 @@ TINY_RUNS = {"lstm": ("lstm", ["neg", "pos"], "sigmoid"),
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
-    """Each of TINY_RUNS trained once per session with the real command line (in parallel); name -> workdir."""
+    """Each of TINY_RUNS trained with the real command line, once for all pytest-xdist workers."""
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("runs")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
-    procs = {}
-    for name, (model, labels, loss) in TINY_RUNS.items():
-        (root / f"{name}_data").mkdir()
-        cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py", f"--workdir={root / name}",
-               *tiny_flags(root / f"{name}_data", model, labels, loss)]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True)
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"training {name} failed:\n{stderr[-3000:]}"
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "tiny_runs"  # shared by the workers of one session
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").is_file():
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+            procs = {}
+            for name, (model, labels, loss) in TINY_RUNS.items():
+                (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py",
+                       f"--workdir={root / name}", *tiny_flags(root / f"{name}_data", model, labels, loss)]
+                procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE, text=True)
+            for name, proc in procs.items():  # in parallel
+                _, stderr = proc.communicate(timeout=600)
+                assert proc.returncode == 0, f"training {name} failed:\n{stderr[-3000:]}"
+            (root / "done").touch()
     return {name: root / name for name in TINY_RUNS}
 
 
@@ -97,4 +102,4 @@ def predictors(trained_runs):
     """The tiny runs loaded for inference in this process; name -> inference.Predictor."""
     from sentiment_jax import inference
 
-    return {name: inference.load(workdir, name=name) for name, workdir in trained_runs.items()}
+    return {name: inference.load(workdir, name=name, batch_sizes=(8, 16)) for name, workdir in trained_runs.items()}
