@@ -204,3 +204,32 @@ def test_the_server_refuses_to_start_without_keys(trained_runs, tmp_path):
         proc = start_server([f"--model=lstm={trained_runs['lstm']}"], log)
         assert proc.wait(timeout=120) == 2
     assert (tmp_path / "log").read_text().strip().splitlines()[-1].startswith("error: no API keys")
+
+
+def test_batcher_merges_requests_that_wait_and_splits_the_answers():
+    import asyncio
+    import threading
+
+    calls, release = [], threading.Event()
+
+    def predict(texts):  # one row per text: its length, so answers are easy to check
+        calls.append(list(texts))
+        release.wait(5)
+        return np.asarray([[len(t)] for t in texts])
+
+    async def scenario():
+        batcher = serve.Batcher(predict, max_rows=4)
+        worker = asyncio.create_task(batcher.run())
+        first = asyncio.create_task(batcher(["a"]))
+        while not calls:  # the worker is busy with the first request...
+            await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher([t * 2, t * 3])) for t in "bcd"]  # ...while these queue up
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(first, *rest)
+        worker.cancel()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert [a[:, 0].tolist() for a in answers] == [[1], [2, 3], [2, 3], [2, 3]]
+    assert calls == [["a"], ["bb", "bbb", "cc", "ccc"], ["dd", "ddd"]]  # merged up to max_rows
