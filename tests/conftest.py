@@ -53,22 +53,26 @@ def write_split(path: pathlib.Path, labels: list[str], n: int, seed: int) -> Non
             writer.writerow([" ".join(words), label])
 
 
-def tiny_flags(data_dir: pathlib.Path, model: str, labels: list[str], loss: str) -> list[str]:
-    """Command-line overrides of configs/lstm.py for a tiny run on generated data."""
+def tiny_flags(data_dir: pathlib.Path, run: dict) -> list[str]:
+    """Command-line overrides of a config file for a tiny run of it on generated data."""
     overrides = {"data.name": "csv", "data.max_length": 48, "data.bucket_width": 0,
-                 "data.tokenizer.vocab_size": 64, "model.name": model, "model.embed_dim": 16,
-                 "model.hidden_sizes": "16,", "train.epochs": 3, "train.batch_size": 16,
-                 "train.eval_batch_size": 32, "train.learning_rate": 0.01, "train.loss": loss,
-                 "checkpoint.async_save": False}
+                 "data.tokenizer.vocab_size": 64, "train.epochs": 3, "train.batch_size": 16,
+                 "train.eval_batch_size": 32, "train.learning_rate": 0.01, "checkpoint.async_save": False,
+                 **run["flags"]}
     for split, n, seed in (("train", 160, 0), ("validation", 32, 1), ("test", 32, 2)):
-        write_split(data_dir / f"{split}.csv", labels, n, seed)
+        write_split(data_dir / f"{split}.csv", run["labels"], n, seed)
         overrides[f"data.{split}_file"] = data_dir / f"{split}.csv"
-    return [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [f"--config={run['config']}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-# name -> (model, class names, loss): one run per model type served in the tests.
-TINY_RUNS = {"lstm": ("lstm", ["neg", "pos"], "sigmoid"),
-             "gru": ("gru", ["negative", "neutral", "positive"], "softmax")}
+# One tiny run per model type that the inference, predict and serving tests use; a new model
+# type is one more entry (its config file and the overrides that make it small).
+TINY_RUNS = {
+    "lstm": {"config": "configs/lstm.py", "type": "lstm", "labels": ["neg", "pos"],
+             "flags": {"model.embed_dim": 16, "model.hidden_sizes": "16,", "train.loss": "sigmoid"}},
+    "gru": {"config": "configs/lstm.py", "type": "gru", "labels": ["negative", "neutral", "positive"],
+            "flags": {"model.name": "gru", "model.embed_dim": 16, "model.hidden_sizes": "16,"}},
+}
 
 
 @pytest.fixture(scope="session")
@@ -84,10 +88,10 @@ def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
         if not (root / "done").is_file():
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
             procs = {}
-            for name, (model, labels, loss) in TINY_RUNS.items():
+            for name, run in TINY_RUNS.items():
                 (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "sentiment_jax.main", "--config=configs/lstm.py",
-                       f"--workdir={root / name}", *tiny_flags(root / f"{name}_data", model, labels, loss)]
+                cmd = [sys.executable, "-m", "sentiment_jax.main", f"--workdir={root / name}",
+                       *tiny_flags(root / f"{name}_data", run)]
                 procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.PIPE, text=True)
             for name, proc in procs.items():  # in parallel

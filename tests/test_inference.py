@@ -31,7 +31,7 @@ def test_accuracy_matches_the_training_report(predictors, trained_runs, name):
 @pytest.mark.parametrize("name", TINY_RUNS)
 def test_records_name_every_class(predictors, name):
     p = predictors[name]
-    assert p.label_names == tuple(TINY_RUNS[name][1])
+    assert p.label_names == tuple(TINY_RUNS[name]["labels"])
     (record,) = p.records(p.predict(["great good film"]))
     assert list(record["probabilities"]) == list(p.label_names)
     assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-5)

@@ -75,8 +75,8 @@ def test_models_lists_runs_with_their_metrics(client, trained_runs):
     assert [m["name"] for m in models] == list(TINY_RUNS)
     for m in models:
         result = json.loads((trained_runs[m["name"]] / "result.json").read_text())
-        assert m["type"] == TINY_RUNS[m["name"]][0]
-        assert m["labels"] == TINY_RUNS[m["name"]][1]
+        assert m["type"] == TINY_RUNS[m["name"]]["type"]
+        assert m["labels"] == TINY_RUNS[m["name"]]["labels"]
         assert m["metrics"]["accuracy"] == result["accuracy"]
         assert m["checkpoint_step"] == result["checkpoint_step"]
 
@@ -88,7 +88,7 @@ def test_predict_each_model(client, predictors, name):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == name
-    labels = TINY_RUNS[name][1]
+    labels = TINY_RUNS[name]["labels"]
     probs = [[p["probabilities"][label] for label in labels] for p in body["predictions"]]
     np.testing.assert_allclose(probs, predictors[name].predict(texts), atol=1e-5)
     assert [p["label"] for p in body["predictions"]] == [labels[i] for i in np.argmax(probs, 1)]
