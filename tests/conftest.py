@@ -72,6 +72,9 @@ TINY_RUNS = {
              "flags": {"model.embed_dim": 16, "model.hidden_sizes": "16,", "train.loss": "sigmoid"}},
     "gru": {"config": "configs/lstm.py", "type": "gru", "labels": ["negative", "neutral", "positive"],
             "flags": {"model.name": "gru", "model.embed_dim": 16, "model.hidden_sizes": "16,"}},
+    "transformer": {"config": "configs/transformer.py", "type": "transformer", "labels": ["neg", "pos"],
+                    "flags": {"model.embed_dim": 16, "model.num_layers": 1, "model.num_heads": 2,
+                              "model.mlp_dim": 32}},
 }
 
 
@@ -83,7 +86,10 @@ def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "tiny_runs"  # shared by the workers of one session
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, shared by its workers
+    root = root / "tiny_runs"
     with FileLock(f"{root}.lock"):
         if not (root / "done").is_file():
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
