@@ -61,7 +61,7 @@ def encode_splits(dataset: data_lib.Dataset, tokenizer, cfg, workdir: pathlib.Pa
 
 
 class Batches:
-    """Batches of one split: shuffled per epoch (train) or in order (eval).
+    """Batches of one split: shuffled per epoch (train) or in a fixed order (eval).
 
     A batch is a dict of NumPy arrays: `ids` [B, W] and `mask` [B, W] trimmed to a bucket
     width W (a multiple of `bucket_width`, at most max_length), `label` [B] and `weight` [B]
@@ -92,6 +92,8 @@ class Batches:
                 perm = np.concatenate([
                     c[np.argsort(self.split.lengths[c], kind="stable")]
                     for c in np.split(perm, range(chunk, n, chunk))])
+        elif self.bucket_width:  # eval: shortest first, so most batches are narrow
+            perm = np.argsort(self.split.lengths, kind="stable")
         else:
             perm = np.arange(n)
         perm = np.concatenate([perm, -np.ones(len(self) * b - n, perm.dtype)])

@@ -17,8 +17,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(cfg) -> Mesh:
-    """A mesh with `cfg.axes` named axes; one -1 in `cfg.shape` takes the remaining devices."""
+    """A mesh with `cfg.axes` named axes; one -1 in `cfg.shape` takes the remaining devices.
+
+    `cfg.num_devices` > 0 uses only the first that many devices (e.g. 1 of 8 simulated).
+    """
     devices = jax.devices()
+    if cfg.get("num_devices"):
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
+        devices = devices[: cfg.num_devices]
     shape = list(cfg.shape)
     if len(shape) != len(cfg.axes):
         raise ValueError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(cfg.axes)} differ in length")

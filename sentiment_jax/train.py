@@ -82,12 +82,12 @@ def predictions(logits: jax.Array) -> jax.Array:
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     t = cfg.train
-    warmup = int(t.warmup_fraction * total_steps)
+    warmup = max(int(t.warmup_fraction * total_steps), 1)
     if t.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(warmup, 1), max(total_steps, warmup + 2),
+        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, max(total_steps, warmup + 1),
                                                 t.learning_rate * t.final_lr_fraction)
     elif t.schedule == "linear":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
+        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup),
                                    optax.linear_schedule(t.learning_rate, t.learning_rate * t.final_lr_fraction,
                                                          max(total_steps - warmup, 1))], [warmup])
     elif t.schedule == "constant":
@@ -125,6 +125,9 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
 
     params, rest = init()
     tx = make_optimizer(cfg, total_steps)
+    # Optimizer moments are States of the same annotated Variables, so they shard like the params.
+    opt_sharding = sharding.state_shardings(jax.eval_shape(tx.init, abstract_params), mesh, cfg.mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     replicated = sharding.replicated(mesh)
     # tx.init's outputs do not depend on the values of params, so jit would leave them on one
     # device: moments take their parameter's sharding, counters are replicated.
@@ -204,20 +207,23 @@ def make_predict_step(setup: Setup, param_sharding, rest_sharding):
 
 def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Batches, setup: Setup,
                           progress: str | None = None) -> np.ndarray:
-    """Probabilities [N, K] for a whole split, in order (the final batch's padding dropped)."""
-    out = []
-    order = batches.order(0)
-    for indices in tqdm(order, desc=progress, disable=progress is None or jax.process_index() != 0,
+    """Probabilities [N, K] for a whole split, row i for example i (batch order may differ)."""
+    out = None
+    for indices in tqdm(batches.order(0), desc=progress, disable=progress is None or jax.process_index() != 0,
                         leave=False, mininterval=2):
         batch = batches.batch(indices)
         arrays = sharding.put_batch({"ids": batch["ids"], "mask": batch["mask"]}, setup.batch_sharding)
         probs = np.asarray(predict_step(params, rest, arrays["ids"], arrays["mask"]))
-        out.append(probs[indices >= 0])
-    return np.concatenate(out)
+        if out is None:
+            out = np.zeros((len(batches.split), probs.shape[-1]), np.float32)
+        out[indices[indices >= 0]] = probs[indices >= 0]
+    return out
 
 
 # ---------------------------------------------------------------------------------------
 # Data for a run.
+
+LABELS_FILE = "labels.json"
 
 
 def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
@@ -237,6 +243,8 @@ def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
         sync("tokenizer")
     tokenizer = tokenization.load(workdir)
     encoded = input_pipeline.encode_splits(dataset, tokenizer, cfg.data, workdir)
+    if jax.process_index() == 0:  # so inference needs only the workdir (an old run gets it from one eval)
+        (workdir / LABELS_FILE).write_text(json.dumps(list(dataset.label_names)))
     return dataset, tokenizer, encoded
 
 
@@ -266,6 +274,14 @@ def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(file.read_text()))
 
 
+def load_labels(workdir: pathlib.Path) -> tuple[str, ...]:
+    """The class names of a run, in logit order."""
+    file = workdir / LABELS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; run --mode=eval on {workdir} once to write it")
+    return tuple(json.loads(file.read_text()))
+
+
 # ---------------------------------------------------------------------------------------
 # Train and evaluate.
 
@@ -275,8 +291,35 @@ def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, d
     return metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
 
 
+CHOICES = {
+    "data.name": lambda: sorted(data_lib.SOURCES),
+    "data.inputs": lambda: ["tokens", "backbone_features"],
+    "data.padding": lambda: ["pre", "post"],
+    "data.truncation": lambda: ["pre", "post"],
+    "data.tokenizer.kind": lambda: ["word", "huggingface"],
+    "model.name": lambda: sorted(models.MODELS),
+    "model.dtype": lambda: sorted(models.DTYPES),
+    "train.loss": lambda: ["softmax", "sigmoid"],
+    "train.schedule": lambda: ["cosine", "linear", "constant"],
+    "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
+}
+
+
+def check_config(cfg) -> None:
+    """Fails in milliseconds, before any data is read, on a value that is not one of the choices."""
+    for field, choices in CHOICES.items():
+        value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
+        if value not in choices():
+            raise ValueError(f"unknown {field} '{value}'; choose one of {choices()}")
+    for field in ("train.epochs", "train.batch_size", "train.eval_batch_size", "data.max_length"):
+        value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
+    check_config(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir)
@@ -382,8 +425,11 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
              mngr=None, setup: Setup | None = None, state: TrainState | None = None, encoded=None,
              dataset=None) -> dict:
     """Eval-only: restores the params of one checkpoint on the current devices and reports a split."""
+    check_config(cfg)
     workdir = pathlib.Path(workdir)
     tokenizer = None
+    if mngr is None and not (workdir / "checkpoints").is_dir():
+        raise checkpoints.CheckpointError(f"no checkpoints in {workdir}; train first or fix --workdir")
     if encoded is None:
         dataset, tokenizer, encoded = prepare_data(cfg, workdir, fit_tokenizer=False)
     if split not in encoded:
@@ -394,8 +440,6 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
         state, setup = create_state(cfg, mesh, vocab, dataset.num_classes, total_steps=1)
     own_manager = mngr is None
     if own_manager:
-        if not (workdir / "checkpoints").is_dir():
-            raise checkpoints.CheckpointError(f"no checkpoints in {workdir}; train first or fix --workdir")
         mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
     step = checkpoints.resolve_step(mngr, which)
     model = checkpoints.restore(mngr, step, model=checkpoints.abstract(model_item(state)))["model"]

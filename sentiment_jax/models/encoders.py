@@ -108,7 +108,7 @@ class BertEncoder(nnx.Module):
             raise BackboneError(f"BERT position_embedding_type '{c['position_embedding_type']}' is not "
                                 "supported; only 'absolute'")
         self.word_embeddings = _embed(rngs, c["vocab_size"], h, ("vocab", "embed"), dtype)
-        self.position_embeddings = _embed(rngs, c["max_position_embeddings"], h, ("positions", "embed"), dtype)
+        self.position_embeddings = _embed(rngs, c["max_position_embeddings"], h, ("pos", "embed"), dtype)
         self.token_type_embeddings = _embed(rngs, c["type_vocab_size"], h, (None, "embed"), dtype)
         self.embed_norm = _norm(rngs, h, c["layer_norm_eps"], dtype=dtype)
         self.layers = nnx.List([BertLayer(c, dtype, rngs) for _ in range(c["num_hidden_layers"])])

@@ -1,0 +1,222 @@
+"""Data sources, tokenizer and batching: correct on good input, one clear line on bad input."""
+
+import io
+import json
+import pathlib
+import tarfile
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from sentiment_jax import config_base, data, input_pipeline, tokenization
+
+
+def data_cfg(**kw):
+    cfg = config_base.base_config().data
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+def write_csv(path, rows, header="id,text,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def csv_cfg(tmp_path, train_rows, test_rows=None, **kw):
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    test = write_csv(tmp_path / "test.csv", test_rows or ['9,"fine movie",pos', '10,"bad one",neg'])
+    return data_cfg(name="csv", train_file=str(train), test_file=str(test), validation_fraction=0.5, **kw)
+
+
+GOOD = ['1,"great film",pos', '2,"awful film",neg', '3,"loved it",pos', '4,"hated it",neg']
+
+
+def test_csv_loads_and_carves_a_stratified_validation_split(tmp_path):
+    ds = data.load_dataset(csv_cfg(tmp_path, GOOD))
+    assert ds.label_names == ("neg", "pos")
+    assert len(ds.splits["train"].texts) == 2 and len(ds.splits["validation"].texts) == 2
+    assert sorted(ds.splits["validation"].labels.tolist()) == [0, 1]
+    again = data.load_dataset(csv_cfg(tmp_path, GOOD))
+    assert again.splits["validation"].texts == ds.splits["validation"].texts  # deterministic
+
+
+@pytest.mark.parametrize("rows,message", [
+    (['1,"great",pos', '2,"meh",maybe'], r"train.csv:3: unknown label 'maybe'"),
+    (['1,"great",pos', '2,"",neg'], r"train.csv:3: empty text"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, rows, message):
+    with pytest.raises(data.DataError, match=message):
+        data.load_dataset(csv_cfg(tmp_path, rows, label_names=("neg", "pos")))
+
+
+def test_missing_column_names_the_field(tmp_path):
+    train = write_csv(tmp_path / "train.csv", ['1,"great"'], header="id,review")
+    cfg = data_cfg(name="csv", train_file=str(train), test_file=str(train))
+    with pytest.raises(data.DataError, match=r"train.csv:2: missing field 'text'"):
+        data.load_dataset(cfg)
+
+
+def test_undecodable_bytes_name_the_file(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_bytes(b"id,text,label\n1,caf\xe9 awful,neg\n")
+    with pytest.raises(data.DataError, match=r"train.csv: not valid UTF-8"):
+        data.load_dataset(data_cfg(name="csv", train_file=str(train), test_file=str(train)))
+
+
+def test_missing_file_and_empty_split(tmp_path):
+    with pytest.raises(data.DataError, match="file not found"):
+        data.load_dataset(data_cfg(name="csv", train_file=str(tmp_path / "nope.csv"), test_file="x"))
+    empty = write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(data.DataError, match="no rows; the split is empty"):
+        data.load_dataset(data_cfg(name="csv", train_file=str(empty), test_file=str(empty)))
+    train = write_csv(tmp_path / "one.csv", ['1,"great",pos'])
+    with pytest.raises(data.DataError, match="validation split is empty"):
+        data.load_dataset(data_cfg(name="csv", train_file=str(train), test_file=str(train),
+                                   validation_fraction=0.0))
+
+
+def test_jsonl_with_custom_fields(tmp_path):
+    rows = [{"review": "good", "stars": "pos"}, {"review": "bad", "stars": "neg"}] * 2
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = data.load_dataset(data_cfg(name="jsonl", train_file=str(f), test_file=str(f), text_field="review",
+                                    label_field="stars", validation_fraction=0.5))
+    assert ds.splits["test"].texts == ["good", "bad", "good", "bad"]
+    f.write_text('{"review": "good", "stars": "pos"}\n{not json}\n')
+    with pytest.raises(data.DataError, match=r"d.jsonl:2: not valid JSON"):
+        data.load_dataset(data_cfg(name="jsonl", train_file=str(f), test_file=str(f), text_field="review",
+                                   label_field="stars"))
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(data.DataError, match="unknown dataset 'imbd'"):
+        data.load_dataset(data_cfg(name="imbd"))
+
+
+def fake_imdb_archive(path: pathlib.Path):
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for label, text in (("pos", "A fine film.<br />Loved it"), ("neg", "Dull and long")):
+                for i in range(3):
+                    raw = f"{text} {i}".encode()
+                    info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_7.txt")
+                    info.size = len(raw)
+                    tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_imdb_from_archive_and_from_folder(tmp_path):
+    archive = fake_imdb_archive(tmp_path / "aclImdb_v1.tar.gz")
+    ds = data.load_dataset(data_cfg(name="imdb", path=str(tmp_path), validation_fraction=1 / 3))
+    assert ds.label_names == ("neg", "pos")
+    assert len(ds.splits["test"].texts) == 6 and len(ds.splits["train"].texts) == 4
+    folder = tmp_path / "extracted"
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    archive.unlink()
+    again = data.load_dataset(data_cfg(name="imdb", path=str(folder / "aclImdb"), validation_fraction=1 / 3))
+    assert sorted(again.splits["test"].texts) == sorted(ds.splits["test"].texts)
+
+
+def test_imdb_offline_fails_fast_naming_the_path_option(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setattr(data, "IMDB_URL", "http://127.0.0.1:9/aclImdb_v1.tar.gz")  # nothing listens
+    t0 = time.time()
+    with pytest.raises(data.DataError, match=r"--config.data.path"):
+        data.load_dataset(data_cfg(name="imdb"))
+    assert time.time() - t0 < 15
+
+
+def test_real_imdb_archive(real_data):
+    ds = data.load_dataset(data_cfg(name="imdb", path=str(real_data)))
+    assert len(ds.splits["test"].texts) == 25000
+    assert len(ds.splits["train"].texts) + len(ds.splits["validation"].texts) == 25000
+    assert ds.splits["test"].labels.mean() == 0.5
+
+
+def test_real_nusax(real_data):
+    ds = data.load_dataset(data_cfg(name="nusax_senti", language="english", path=str(real_data)))
+    assert ds.label_names == ("negative", "neutral", "positive")
+    assert [len(ds.splits[s].texts) for s in ("train", "validation", "test")] == [500, 100, 400]
+    assert np.bincount(ds.splits["test"].labels).tolist() == [153, 96, 151]
+    with pytest.raises(data.DataError, match="unknown NusaX language 'klingon'"):
+        data.load_dataset(data_cfg(name="nusax_senti", language="klingon", path=str(real_data)))
+
+
+def test_word_tokenizer_vocabulary_and_round_trip(tmp_path):
+    tok = tokenization.WordTokenizer.fit(["The film<br />was GREAT", "the film was bad", "the end"], vocab_size=5)
+    assert tok.words == ["the", "film", "was"]  # 0 pad, 1 unk, then by frequency
+    ids = tok.encode(["The film<br />was great!"])[0]
+    assert ids.tolist() == [2, 3, 4, tokenization.UNK_ID]
+    tok.save(tmp_path)
+    assert tokenization.load(tmp_path).encode(["the film was great"])[0].tolist() == ids.tolist()
+
+
+def test_pad_and_truncate_sides():
+    seqs = [np.array([1, 2, 3, 4]), np.array([5])]
+    ids, lengths = tokenization.pad(seqs, 3, padding="pre", truncation="pre")
+    assert ids.tolist() == [[2, 3, 4], [0, 0, 5]] and lengths.tolist() == [3, 1]
+    ids, _ = tokenization.pad(seqs, 3, padding="post", truncation="post")
+    assert ids.tolist() == [[1, 2, 3], [5, 0, 0]]
+    with pytest.raises(ValueError, match="padding must be 'pre' or 'post'"):
+        tokenization.pad(seqs, 3, padding="left")
+
+
+@pytest.mark.parametrize("padding", ["pre", "post"])
+def test_batches_cover_every_example_once_and_trim_to_buckets(padding):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=103)
+    ids, lens = tokenization.pad([np.full(n, 5) for n in lengths], 40, padding=padding)
+    split = input_pipeline.Encoded(ids, lens, np.arange(103, dtype=np.int32))
+    batches = input_pipeline.Batches(split, 16, padding=padding, shuffle=True, seed=3, bucket_width=8)
+    seen = []
+    for _, b in batches.epoch(0):
+        assert b["ids"].shape[1] % 8 == 0 or b["ids"].shape[1] == 40
+        assert (b["mask"].sum(1) == np.where(b["weight"] > 0, lens[b["label"]], 0)).all()
+        assert ((b["ids"] != 0) == b["mask"]).all()
+        seen.extend(b["label"][b["weight"] > 0].tolist())
+    assert sorted(seen) == list(range(103))
+    assert [x.tolist() for x in batches.order(1)] == [x.tolist() for x in batches.order(1)]
+    assert [x.tolist() for x in batches.order(1)] != [x.tolist() for x in batches.order(2)]
+    resumed = [b["label"].tolist() for _, b in batches.epoch(1, start=3)]
+    assert resumed == [b["label"].tolist() for _, b in batches.epoch(1)][3:]
+
+
+def test_huggingface_local_folder_and_offline_hub_name(tmp_path):
+    for split in ("train", "test"):
+        rows = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}] * 3
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = data.load_dataset(data_cfg(name="huggingface", hf_name=str(tmp_path), label_names=("neg", "pos"),
+                                    validation_fraction=1 / 3))
+    assert ds.splits["test"].labels.tolist() == [1, 0] * 3
+    t0 = time.time()
+    with pytest.raises(data.DataError, match="could not load Hugging Face dataset 'no-such/dataset'"):
+        data.load_dataset(data_cfg(name="huggingface", hf_name="no-such/dataset"))
+    assert time.time() - t0 < 30
+
+
+def test_tfds_unprepared_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="not prepared"):
+        data.load_dataset(data_cfg(name="tfds", tfds_name="imdb_reviews", path=str(tmp_path)))
+
+
+def test_huggingface_subword_tokenizer_from_a_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "good": 1, "film": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.enable_truncation(2)  # built-in truncation must be overridden by ours
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = config_base.base_config().data.tokenizer
+    cfg.kind, cfg.path = "huggingface", str(tmp_path)
+    hf = tokenization.build(cfg, [])
+    assert hf.encode(["good film good zzz"])[0].tolist() == [1, 2, 1, 0]
+    run = tmp_path / "run"
+    run.mkdir()
+    hf.save(run)
+    assert tokenization.load(run).encode(["film good"])[0].tolist() == [2, 1]

@@ -1,0 +1,108 @@
+"""The LSTM against an independent NumPy implementation, and padding invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sentiment_jax.models import recurrent
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def numpy_lstm(x, w_x, w_h, b):
+    """Textbook LSTM over one unpadded sequence x [T, F]; gate order i, f, g, o. Returns [T, H]."""
+    hidden = w_h.shape[0]
+    h, c, out = np.zeros(hidden), np.zeros(hidden), []
+    for x_t in x:
+        z = x_t @ w_x + h @ w_h + b
+        i, f, g, o = (z[k * hidden:(k + 1) * hidden] for k in range(4))
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        out.append(h)
+    return np.stack(out)
+
+
+def cell_weights(cell):
+    return (np.asarray(cell.input_kernel[...], np.float64), np.asarray(cell.recurrent_kernel[...], np.float64),
+            np.asarray(cell.bias[...], np.float64))
+
+
+def pad_batch(seqs, width, side):
+    x = np.zeros((len(seqs), width, seqs[0].shape[1]), np.float32)
+    mask = np.zeros((len(seqs), width), bool)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "pre" else slice(0, len(s))
+        x[i, sl], mask[i, sl] = s, True
+    return x, mask
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_bidirectional_layer_matches_numpy_on_ragged_batch(side):
+    rng = np.random.default_rng(0)
+    lengths, features, hidden, width = [7, 3, 1, 5], 6, 5, 9
+    seqs = [rng.normal(size=(n, features)).astype(np.float32) for n in lengths]
+    layer = recurrent.RecurrentLayer("lstm", features, hidden, bidirectional=True, rngs=nnx.Rngs(1))
+    x, mask = pad_batch(seqs, width, side)
+    final, outputs = layer(jnp.asarray(x), jnp.asarray(mask))
+    final, outputs = np.asarray(final), np.asarray(outputs)
+    for i, s in enumerate(seqs):
+        fwd = numpy_lstm(s.astype(np.float64), *cell_weights(layer.forward))
+        # The backward direction reads each sequence's own tokens last-to-first.
+        bwd = numpy_lstm(s[::-1].astype(np.float64), *cell_weights(layer.backward))[::-1]
+        expected = np.concatenate([fwd, bwd], axis=-1)
+        np.testing.assert_allclose(outputs[i][mask[i]], expected, atol=1e-5)
+        np.testing.assert_allclose(outputs[i][~mask[i]], 0.0)
+        np.testing.assert_allclose(final[i], np.concatenate([fwd[-1], bwd[0]]), atol=1e-5)
+
+
+def make_classifier(pooling, bidirectional=True, **kw):
+    return recurrent.RecurrentClassifier(vocab_size=50, num_outputs=3, embed_dim=8, hidden_sizes=(6, 4),
+                                         bidirectional=bidirectional, pooling=pooling, rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize("cell,pooling", [("lstm", p) for p in recurrent.POOLINGS] +
+                         [(c, "mean_max") for c in sorted(recurrent.CELLS) if c != "lstm"])
+def test_padding_never_changes_the_prediction(pooling, cell):
+    model = make_classifier(pooling, bidirectional=(True, False), cell=cell, head_sizes=(5,))
+    apply = nnx.jit(lambda m, ids, mask: m(ids, mask))
+    rng = np.random.default_rng(1)
+    tokens = [rng.integers(2, 50, size=n) for n in (4, 9, 1)]
+    reference = []
+    for t in tokens:  # each sequence alone, no padding at all
+        ids = jnp.asarray(t[None])
+        reference.append(np.asarray(apply(model, ids, jnp.ones_like(ids, bool)))[0])
+    for side in ("pre", "post"):
+        for width in (9, 16):
+            x, mask = pad_batch([t[:, None] for t in tokens], width, side)
+            # Padding positions hold junk ids: the mask alone must decide what is read.
+            ids = np.where(mask, x[..., 0], 7).astype(np.int32)
+            logits = np.asarray(apply(model, jnp.asarray(ids), jnp.asarray(mask)))
+            np.testing.assert_allclose(logits, np.stack(reference), atol=1e-5, err_msg=f"{side} {width}")
+
+
+def test_empty_sequence_pools_to_finite_values():
+    model = make_classifier("mean_max")
+    ids = jnp.zeros((2, 5), jnp.int32)
+    mask = jnp.zeros((2, 5), bool)
+    assert np.isfinite(np.asarray(model(ids, mask))).all()
+
+
+def test_bad_model_config_names_the_field():
+    with pytest.raises(ValueError, match="bidirectional"):
+        make_classifier("last", bidirectional=(True,))
+    with pytest.raises(ValueError, match="pooling"):
+        make_classifier("median")
+
+
+def test_dropout_is_active_only_in_training():
+    model = make_classifier("mean", dropout=0.5, embed_dropout=0.5)
+    ids = jnp.asarray(np.arange(2, 12).reshape(2, 5))
+    mask = jnp.ones_like(ids, bool)
+    a = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(0)))
+    b = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(1)))
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(model(ids, mask), model(ids, mask))

@@ -1,0 +1,188 @@
+"""The train loop: 1 vs 8 devices, checkpoints, exact resume, eval-only, and the CLI."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sentiment_jax import checkpoints, config_base, input_pipeline, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+POSITIVE = "great superb lovely fine wonderful moving".split()
+NEGATIVE = "awful boring dull poor terrible weak".split()
+NEUTRAL = "the a film movie plot actor scene it was".split()
+
+
+def write_dataset(folder: pathlib.Path, n_train=160, n_test=64, seed=0) -> dict:
+    """A small learnable sentiment CSV: sentiment words among neutral filler, varied lengths."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = ["text,label"]
+        for i in range(n):
+            label = i % 2
+            words = list(rng.choice(NEUTRAL, size=rng.integers(2, 12)))
+            words.insert(rng.integers(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+            rows.append(f"{' '.join(words)},{'pos' if label else 'neg'}")
+        files[split] = folder / f"{split}.csv"
+        files[split].write_text("\n".join(rows) + "\n")
+    return files
+
+
+def tiny_config(files, **overrides):
+    cfg = config_base.base_config()
+    cfg.data.name = "csv"
+    cfg.data.train_file, cfg.data.test_file = str(files["train"]), str(files["test"])
+    cfg.data.validation_fraction = 0.2
+    cfg.data.max_length = 16
+    cfg.data.tokenizer.vocab_size = 64
+    cfg.model.embed_dim, cfg.model.hidden_sizes = 8, (8,)
+    cfg.model.pooling, cfg.model.dropout = "mean", 0.1
+    cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.epochs = 16, 32, 4
+    cfg.train.learning_rate, cfg.train.log_every = 3e-2, 1
+    cfg.checkpoint.async_save = False
+    for key, value in overrides.items():
+        node = cfg
+        *path, leaf = key.split(".")
+        for k in path:
+            node = node[k]
+        node[leaf] = value
+    return cfg
+
+
+def step_losses(workdir):
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(l["step"], l["train/running_loss"]) for l in lines if "train/running_loss" in l]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(files, tmp_path_factory):
+    """One uninterrupted run on 1 device that several tests compare against."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = train.train_and_evaluate(tiny_config(files, **{"mesh.num_devices": 1}), workdir)
+    return workdir, result
+
+
+def test_training_learns_and_writes_its_artifacts(reference_run):
+    workdir, result = reference_run
+    assert result["accuracy"] > 0.8, result
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "result.json"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tensorboard").glob("events.*"))
+    epochs = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in l]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert all(e["epoch_seconds"] > 0 and 0 <= e["val/accuracy"] <= 1 for e in epochs)
+
+
+def test_eight_devices_give_the_same_losses_as_one(files, reference_run, tmp_path):
+    """Batch split over 8 devices: same math, summed in a different order (tolerance 1e-5)."""
+    assert len(jax.devices()) == 8
+    result = train.train_and_evaluate(tiny_config(files, **{"mesh.num_devices": 8}), tmp_path)
+    ref_losses, losses = step_losses(reference_run[0]), step_losses(tmp_path)
+    assert [s for s, _ in losses] == [s for s, _ in ref_losses] and len(losses) == 32
+    np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-5)
+    assert result["accuracy"] == reference_run[1]["accuracy"]
+
+
+def test_eval_only_equals_end_of_training_and_runs_on_another_device_count(files, reference_run):
+    workdir, result = reference_run
+    for n in (1, 8):  # saved on 1 device, restored on 1 and on 8
+        report = train.evaluate(tiny_config(files, **{"mesh.num_devices": n}), workdir, which="best")
+        assert report["accuracy"] == result["accuracy"]
+        assert report["confusion_matrix"] == result["confusion_matrix"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, reference_run, tmp_path,
+                                                                     monkeypatch):
+    cfg = tiny_config(files, **{"mesh.num_devices": 1, "checkpoint.every_steps": 3})
+    real_batch, calls = input_pipeline.Batches.batch, {"n": 0}
+
+    def crashing_batch(self, indices):
+        if self.shuffle:
+            calls["n"] += 1
+            if calls["n"] == 13:  # mid epoch 2, after the step-9 checkpoint (epoch 1 is 8 steps)
+                raise Crash
+        return real_batch(self, indices)
+
+    monkeypatch.setattr(input_pipeline.Batches, "batch", crashing_batch)
+    with pytest.raises(Crash):
+        train.train_and_evaluate(cfg, tmp_path)
+    monkeypatch.setattr(input_pipeline.Batches, "batch", real_batch)
+    result = train.train_and_evaluate(cfg, tmp_path)
+    assert result["accuracy"] == reference_run[1]["accuracy"]
+    assert result["confusion_matrix"] == reference_run[1]["confusion_matrix"]
+    # The resumed steps retrace the uninterrupted run's losses exactly.
+    ref = dict(step_losses(reference_run[0]))
+    for step, loss in step_losses(tmp_path):
+        np.testing.assert_allclose(loss, ref[step], rtol=1e-6, err_msg=f"step {step}")
+    epochs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]
+    ref_epochs = [json.loads(l) for l in (reference_run[0] / "metrics.jsonl").read_text().splitlines()
+                  if '"epoch"' in l]
+    assert epochs[-1]["train/loss"] == pytest.approx(ref_epochs[-1]["train/loss"], rel=1e-6)
+
+
+def test_checkpoint_errors_are_one_line(files, reference_run, tmp_path):
+    cfg = tiny_config(files, **{"mesh.num_devices": 1})
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoints"):
+        train.evaluate(cfg, tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint for step 12345"):
+        train.evaluate(cfg, reference_run[0], which=12345)
+    # Corrupt the newest checkpoint's model arrays in a copy of the run.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_run[0], copy)
+    latest = max((copy / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    for f in (latest / "model").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint step {latest.name} .* unreadable"):
+        train.evaluate(cfg, copy, which="latest")
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "sentiment_jax.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
+    common = [f"--workdir={tmp_path}", "--config=configs/lstm.py", "--config.data.name=csv",
+              f"--config.data.train_file={files['train']}", f"--config.data.test_file={files['test']}",
+              "--config.data.max_length=16", "--config.model.hidden_sizes=8,", "--config.model.embed_dim=8",
+              "--config.train.epochs=1", "--config.train.batch_size=32"]
+    trained = run_cli(*common)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    resolved = json.loads((tmp_path / "config.json").read_text())
+    assert resolved["model"]["hidden_sizes"] == [8] and resolved["data"]["name"] == "csv"
+    result = json.loads((tmp_path / "result.json").read_text())
+    evaluated = run_cli(f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=latest")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((tmp_path / "eval_test_latest.json").read_text())
+    assert report["accuracy"] == result["accuracy"]
+    assert "macro-F1" in evaluated.stdout and "confusion" in evaluated.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.hiden=3"], "unknown config field 'hiden'"),
+    (["--config.model.name=lstmm"], "unknown model.name 'lstmm'; choose one of"),
+    (["--config.data.name=csv"], "csv dataset needs --config.data.train_file"),
+])
+def test_cli_config_mistakes_are_one_line_errors(tmp_path, args, message):
+    out = run_cli(f"--workdir={tmp_path}", "--config=configs/lstm.py", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
