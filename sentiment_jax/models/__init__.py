@@ -1,7 +1,8 @@
 """Model registry: `config.model.name` -> a builder taking (model config, vocab size, outputs, rngs).
 
 Every model is an `nnx.Module` called as `model(ids, mask, deterministic=..., rngs=...)`
-and returning float32 logits [B, num_outputs].
+and returning float32 logits [B, num_outputs]. Models that attend (the transformer, or a
+recurrent model with pooling 'attention') also offer `attention_weights(ids, mask)` for display.
 """
 
 from __future__ import annotations
