@@ -1,9 +1,10 @@
 """Model registry: `config.model.name` -> a builder taking (model config, vocab size, outputs, rngs).
 
 Every model is an `nnx.Module` called as `model(ids, mask, deterministic=..., rngs=...)`
-and returning float32 logits [B, num_outputs]. Models on frozen-backbone features
-(`config.data.inputs = "backbone_features"`, see verbalizer.py) get the feature width as
-`vocab_size` and the features as `ids`.
+and returning float32 logits [B, num_outputs]. Models that attend (the transformer, or a
+recurrent model with pooling 'attention') also offer `attention_weights(ids, mask)` for display.
+Models on frozen-backbone features (`config.data.inputs = "backbone_features"`, see
+verbalizer.py) get the feature width as `vocab_size` and the features as `ids`.
 """
 
 from __future__ import annotations
