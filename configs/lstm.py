@@ -2,13 +2,19 @@
 
   python -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm          # IMDB
   python -m sentiment_jax.main --config=configs/lstm.py:nusax --workdir=runs/nusax   # NusaX-Senti
+  python -m sentiment_jax.main --config=configs/lstm.py:imdb,fsdp --workdir=runs/fsdp # a mesh layout
 """
 
-from sentiment_jax.config_base import base_config
+from sentiment_jax.config_base import LAYOUTS, base_config, set_layout
 
 
 def get_config(variant: str = "imdb"):
     c = base_config()
+    variant, *layout = variant.split(",")  # e.g. "imdb,fsdp"; a bare "fsdp" means imdb
+    if variant in LAYOUTS:
+        variant, layout = "imdb", [variant]
+    for name in layout:
+        set_layout(c, name)
     c.model.name = "lstm"
     c.model.embed_dim = 128
     c.model.hidden_sizes = (128,)

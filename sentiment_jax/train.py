@@ -106,6 +106,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     state_sharding: Any
     batch_sharding: jax.sharding.NamedSharding
+    mesh_config: Any = None  # for activation constraints (sharding.constrain)
 
 
 def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int) -> tuple[TrainState, Setup]:
@@ -131,7 +132,7 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
                                                                replicated))
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh))
+    return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh), cfg.mesh)
 
 
 def model_item(state: TrainState) -> dict:
@@ -166,7 +167,8 @@ def make_train_step(setup: Setup):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
-            logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
+            with sharding.activation_rules(setup.mesh, setup.mesh_config):
+                logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
             losses = per_example_loss(logits, batch["label"]) * batch["weight"]
             loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
             _, _, rest = nnx.split(model, nnx.Param, ...)
@@ -190,7 +192,8 @@ def make_predict_step(setup: Setup, param_sharding, rest_sharding):
     graphdef = setup.graphdef
 
     def predict(params, rest, ids, mask):
-        return probabilities(nnx.merge(graphdef, params, rest)(ids, mask, deterministic=True))
+        with sharding.activation_rules(setup.mesh, setup.mesh_config):
+            return probabilities(nnx.merge(graphdef, params, rest)(ids, mask, deterministic=True))
 
     return jax.jit(predict, in_shardings=(param_sharding, rest_sharding, setup.batch_sharding,
                                           setup.batch_sharding),

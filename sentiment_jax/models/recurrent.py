@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sentiment_jax import sharding
+
 Carry = tuple[jax.Array, ...]
 
 
@@ -206,13 +208,15 @@ class RecurrentClassifier(nnx.Module):
     def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         """The pooled text representation [B, D] fed to the head."""
-        x = self.embed(ids).astype(self.dtype)
+        # Batch-sharded from here on, whatever layout the embedding table has (e.g. FSDP rows).
+        x = sharding.constrain(self.embed(ids).astype(self.dtype), ("batch", None, None))
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         final = None
         for i, layer in enumerate(self.layers):
             if i:
                 x = self.dropout(x, deterministic=deterministic, rngs=rngs)
             final, x = layer(x, mask)
+            x = sharding.constrain(x, ("batch", None, None))
         if self.pooling == "last":
             return final
         if self.pooling == "mean_max":
