@@ -16,6 +16,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if DIR has
 flags.DEFINE_string("split", None, "eval: the split to report (default config.eval.split).")
 flags.DEFINE_string("checkpoint", None, "eval: best, latest or a step number (default config.eval.checkpoint).")
 flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (for testing sharding).")
+# Multi-process runs; on TPU VMs and under SLURM these are detected and need not be given.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 10.0.0.2:8476.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (one per host, or per GPU).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
 
 
 def main(argv):
@@ -26,10 +30,13 @@ def main(argv):
 
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from sentiment_jax import checkpoints, data, train
+    from sentiment_jax import checkpoints, data, distributed, train
 
     workdir = pathlib.Path(FLAGS.workdir)
     try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if jax.process_count() > 1:
+            logging.warning("%s", distributed.describe())
         cfg = FLAGS.config if FLAGS.config is not None else train.load_config(workdir)
         if FLAGS.mode == "train":
             if FLAGS.config is None:

@@ -222,8 +222,8 @@ def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Ba
 def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
     """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded)."""
     dataset = data_lib.load_dataset(cfg.data)
-    if fit_tokenizer and not (workdir / tokenization.TOKENIZER_FILE).is_file():
-        if jax.process_index() == 0:
+    if fit_tokenizer:  # every process syncs: whether the file exists yet may differ between them
+        if jax.process_index() == 0 and not (workdir / tokenization.TOKENIZER_FILE).is_file():
             tokenization.build(cfg.data.tokenizer, dataset.splits["train"].texts).save(workdir)
         sync("tokenizer")
     tokenizer = tokenization.load(workdir)
@@ -323,6 +323,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         state = TrainState(params=restored["model"]["params"], rest=restored["model"]["rest"],
                            **restored["train"])
         meta = restored["meta"]
+        checkpoints.check_data_position(meta, cfg.train.batch_size)
         logging.info("resumed from step %d", step)
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
@@ -335,6 +336,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     def checkpoint(step, epoch, index, sums, seconds, val=None):
         checkpoints.save(mngr, step, model_item(state), train_item(state),
                          {"epoch": epoch, "batch_index": index, "epoch_seconds": seconds,
+                          **checkpoints.data_position(cfg.train.batch_size),
                           "epoch_sums": {k: float(v) for k, v in jax.device_get(sums).items()}},
                          metrics=val)
 
