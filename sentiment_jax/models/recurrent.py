@@ -198,11 +198,11 @@ class RecurrentClassifier(nnx.Module):
         width *= 2 if pooling == "mean_max" else 1
         head = []
         for size in head_sizes:
-            head.append(nnx.Linear(width, size, rngs=rngs, kernel_init=nnx.with_partitioning(
+            head.append(nnx.Linear(width, size, dtype=dtype, rngs=rngs, kernel_init=nnx.with_partitioning(
                 nnx.initializers.lecun_normal(), ("features", "mlp"))))
             width = size
         self.head = nnx.List(head)
-        self.out = nnx.Linear(width, num_outputs, rngs=rngs, kernel_init=nnx.with_partitioning(
+        self.out = nnx.Linear(width, num_outputs, dtype=dtype, rngs=rngs, kernel_init=nnx.with_partitioning(
             nnx.initializers.lecun_normal(), ("features", "classes")))
 
     def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
