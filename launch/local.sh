@@ -5,7 +5,8 @@
 #
 # Process i runs `python -m sentiment_jax.main --process_id=i ...`; its output goes to
 # $LOG_DIR/process_i.log and process 0's is also shown. Environment: PYTHON (default python3),
-# PORT (default 8476), CPU_DEVICES per process (default 1), LOG_DIR (default /tmp/sentiment_jax_local).
+# PORT (default 8476), CPU_DEVICES per process (default 1), LOG_DIR (default /tmp/sentiment_jax_local),
+# MODULE (default sentiment_jax.main; any module taking the same process flags).
 # If a process fails the others are stopped and the exit status is 1.
 set -euo pipefail
 
@@ -24,7 +25,7 @@ pids=()
 stop() { kill "${pids[@]}" 2>/dev/null || true; }
 trap stop INT TERM
 for ((i = 0; i < n; i++)); do
-  "$python" -m sentiment_jax.main --coordinator_address="127.0.0.1:$port" --num_processes="$n" \
+  "$python" -m "${MODULE:-sentiment_jax.main}" --coordinator_address="127.0.0.1:$port" --num_processes="$n" \
     --process_id="$i" --cpu_devices="${CPU_DEVICES:-1}" "$@" >"$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done
