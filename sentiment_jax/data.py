@@ -255,50 +255,84 @@ def _table_loader(fmt: str):
     return load
 
 
-def load_huggingface(cfg):
-    """A dataset from the Hugging Face hub or a local folder (needs `datasets`)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "0")
-    import datasets  # optional dependency path
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
 
     try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.get("hf_config") or None)
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_huggingface(cfg):
+    """A Hugging Face dataset by hub name, or a local folder of train/test data files.
+
+    Offline, `datasets` retries the hub for minutes unless told it is offline, so we check
+    the hub once (3 s) and switch it to offline mode; local folders and caches still work.
+    """
+    import datasets
+
+    name = cfg.hf_name
+    if not name:
+        raise DataError("dataset 'huggingface' needs --config.data.hf_name=NAME_OR_FOLDER")
+    if not pathlib.Path(name).expanduser().exists() and not _hub_reachable():
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        datasets.config.HF_DATASETS_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        ds = datasets.load_dataset(str(pathlib.Path(name).expanduser()) if pathlib.Path(name).expanduser().exists()
+                                   else name, cfg.get("hf_config") or None)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
-        raise DataError(f"could not load Hugging Face dataset '{cfg.hf_name}' ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); offline? set "
-                        "HF_DATASETS_OFFLINE=1 and use a local path") from None
-    names = {"train": "train", "validation": "validation", "test": "test"}
-    label_names = tuple(cfg.get("label_names") or ())
-    feature = ds["train"].features.get(cfg.label_field)
-    if not label_names and hasattr(feature, "names"):
-        label_names = tuple(feature.names)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"could not load Hugging Face dataset '{name}' ({type(e).__name__}: {first[:200]}); "
+                        "offline? pass a local folder as --config.data.hf_name") from None
+    feature = ds["train"].features.get(cfg.label_field) if "train" in ds else None
+    label_names = tuple(cfg.get("label_names") or getattr(feature, "names", None) or ())
     raw = {}
-    for ours, theirs in names.items():
+    for ours, theirs in (("train", "train"), ("validation", "validation"), ("test", "test")):
         if theirs in ds:
             rows = ds[theirs]
-            raw[ours] = ([_check_text(t, f"{cfg.hf_name}[{theirs}][{i}]") for i, t in enumerate(rows[cfg.text_field])],
-                         [(v, f"{cfg.hf_name}[{theirs}][{i}]") for i, v in enumerate(rows[cfg.label_field])])
+            for field in (cfg.text_field, cfg.label_field):
+                if field not in rows.column_names:
+                    raise DataError(f"{name}[{theirs}]: missing field '{field}' (has {rows.column_names}); "
+                                    "set --config.data.text_field / label_field")
+            where = lambda i: f"{name}[{theirs}][{i}]"
+            raw[ours] = ([_check_text(t, where(i)) for i, t in enumerate(rows[cfg.text_field])],
+                         [(v, where(i)) for i, v in enumerate(rows[cfg.label_field])])
+    if "train" not in raw:
+        raise DataError(f"Hugging Face dataset '{name}' has no train split")
     if not label_names:
         label_names = tuple(sorted({str(v) for v, _ in raw["train"][1]}))
     return {s: Split(t, _map_labels(r, label_names)) for s, (t, r) in raw.items()}, label_names
 
 
 def load_tfds(cfg):
-    """A TFDS dataset by name (needs tensorflow-datasets and its data already prepared)."""
+    """A prepared TFDS dataset by name, read through its random-access data source (no TensorFlow)."""
     import tensorflow_datasets as tfds
 
+    name = cfg.tfds_name
+    if not name:
+        raise DataError("dataset 'tfds' needs --config.data.tfds_name=NAME")
     try:
-        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.get("path"))
-        splits = {}
-        for ours, theirs in (("train", "train"), ("test", "test"), ("validation", "validation")):
-            if theirs in builder.info.splits:
-                rows = list(tfds.as_numpy(builder.as_dataset(split=theirs)))
-                texts = [_check_text(_decode(r[cfg.text_field], f"{cfg.tfds_name}[{theirs}][{i}]"),
-                                     f"{cfg.tfds_name}[{theirs}][{i}]") for i, r in enumerate(rows)]
-                splits[ours] = Split(texts, np.asarray([r[cfg.label_field] for r in rows], np.int32))
-        names = builder.info.features[cfg.label_field].names
+        builder = tfds.builder(name, data_dir=cfg.get("path"))
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"could not load TFDS dataset '{cfg.tfds_name}' ({type(e).__name__}); "
-                        "prepare it first or point --config.data.path at its data_dir") from None
+        raise DataError(f"unknown TFDS dataset '{name}' ({type(e).__name__}); check the name") from None
+    if not builder.info.splits:
+        raise DataError(f"TFDS dataset '{name}' is not prepared under {builder.data_dir}; build it where online "
+                        f"(`tfds build {name} --file_format=array_record`) and set --config.data.path to its data_dir")
+    splits = {}
+    for ours, theirs in (("train", "train"), ("validation", "validation"), ("test", "test")):
+        if theirs in builder.info.splits:
+            source = builder.as_data_source(split=theirs)
+            texts, labels = [], []
+            for i in range(len(source)):
+                row, where = source[i], f"{name}[{theirs}][{i}]"
+                text = row[cfg.text_field]
+                texts.append(_check_text(_decode(text, where) if isinstance(text, bytes) else str(text), where))
+                labels.append(int(row[cfg.label_field]))
+            splits[ours] = Split(texts, np.asarray(labels, np.int32))
+    names = getattr(builder.info.features[cfg.label_field], "names", None)
     return splits, tuple(cfg.get("label_names") or names)
 
 

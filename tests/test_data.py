@@ -184,3 +184,39 @@ def test_batches_cover_every_example_once_and_trim_to_buckets(padding):
     assert [x.tolist() for x in batches.order(1)] != [x.tolist() for x in batches.order(2)]
     resumed = [b["label"].tolist() for _, b in batches.epoch(1, start=3)]
     assert resumed == [b["label"].tolist() for _, b in batches.epoch(1)][3:]
+
+
+def test_huggingface_local_folder_and_offline_hub_name(tmp_path):
+    for split in ("train", "test"):
+        rows = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}] * 3
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = data.load_dataset(data_cfg(name="huggingface", hf_name=str(tmp_path), label_names=("neg", "pos"),
+                                    validation_fraction=1 / 3))
+    assert ds.splits["test"].labels.tolist() == [1, 0] * 3
+    t0 = time.time()
+    with pytest.raises(data.DataError, match="could not load Hugging Face dataset 'no-such/dataset'"):
+        data.load_dataset(data_cfg(name="huggingface", hf_name="no-such/dataset"))
+    assert time.time() - t0 < 30
+
+
+def test_tfds_unprepared_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="not prepared"):
+        data.load_dataset(data_cfg(name="tfds", tfds_name="imdb_reviews", path=str(tmp_path)))
+
+
+def test_huggingface_subword_tokenizer_from_a_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "good": 1, "film": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.enable_truncation(2)  # built-in truncation must be overridden by ours
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = config_base.base_config().data.tokenizer
+    cfg.kind, cfg.path = "huggingface", str(tmp_path)
+    hf = tokenization.build(cfg, [])
+    assert hf.encode(["good film good zzz"])[0].tolist() == [1, 2, 1, 0]
+    run = tmp_path / "run"
+    run.mkdir()
+    hf.save(run)
+    assert tokenization.load(run).encode(["film good"])[0].tolist() == [2, 1]
