@@ -17,9 +17,9 @@ fi
 n=$1; shift
 python=${PYTHON:-python3}
 port=${PORT:-8476}
-log_dir=${LOG_DIR:-/tmp/sentiment_jax_local}
-mkdir -p "$log_dir"
-cd "$(dirname "$0")/.."
+log_dir=$(mkdir -p "${LOG_DIR:-/tmp/sentiment_jax_local}" && cd "${LOG_DIR:-/tmp/sentiment_jax_local}" && pwd)
+for ((i = 0; i < n; i++)); do : >"$log_dir/process_$i.log"; done
+cd "$(dirname "$0")/.."  # the checkout's root: relative --config/--workdir paths start here
 
 pids=()
 stop() { kill "${pids[@]}" 2>/dev/null || true; }
@@ -31,13 +31,13 @@ for ((i = 0; i < n; i++)); do
 done
 tail -n +1 -f "$log_dir/process_0.log" --pid="${pids[0]}" &
 
-status=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $log_dir/process_$i.log" >&2
-    status=1
-    stop
-  fi
+# The first failure stops the rest (they would wait for the lost peer). Needs bash >= 5.1.
+status=0 running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  wait -n -p finished "${running[@]}" || { status=1; stop; }
+  left=(); for pid in "${running[@]}"; do [[ $pid == "$finished" ]] || left+=("$pid"); done
+  running=("${left[@]}")
 done
+[[ $status == 0 ]] || echo "a process failed; see $log_dir/process_*.log" >&2
 wait  # the tail
 exit $status
