@@ -74,12 +74,29 @@ def test_fsdp_and_tensor_parallel_layouts_give_the_data_parallel_losses(files):
         assert sharded_fraction(state.opt_state) > 0.8, layout
 
 
+def test_transformer_attention_and_mlp_shard_too():
+    """Heads and MLP columns over "model", embeddings over "fsdp": the hybrid mesh matches DP."""
+    from configs import transformer
+
+    cfg = transformer.get_config("imdb")
+    cfg.model.embed_dim, cfg.model.num_layers, cfg.model.num_heads, cfg.model.mlp_dim = 16, 1, 4, 32
+    cfg.model.dropout = cfg.model.embed_dropout = 0.0
+    cfg.data.max_length, cfg.model.max_positions = 12, 16
+    cfg.train.batch_size, cfg.train.learning_rate = 16, 1e-3
+    reference, _ = train_steps(config_base.set_layout(cfg, "dp"))
+    cfg.mesh.shape = (2, 2, 2)
+    losses, state = train_steps(cfg)
+    np.testing.assert_allclose(losses, reference, rtol=5e-5)
+    assert sharded_fraction(state.params) > 0.9
+
+
 def test_layout_is_a_config_variant():
     from configs import lstm
 
     assert lstm.get_config("imdb,fsdp").mesh.shape == (1, -1, 1)
     assert lstm.get_config("tp").data.name == "imdb"
     assert lstm.get_config("nusax").mesh.shape == (-1, 1, 1)
+    assert lstm.get_config("nusax,tp").data.name == "nusax_senti"
     with pytest.raises(ValueError, match="unknown layout"):
         lstm.get_config("imdb,zigzag")
 
