@@ -12,6 +12,7 @@ GRU: r, z, n) so weights can be compared one to one.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -113,6 +114,15 @@ def _orthogonal_per_gate(num_gates: int):
 def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
+    if isinstance(cell, LSTMCell):
+        final, outputs = lstm_directions([cell], x, mask, [reverse], unroll=unroll)
+        return final[0], outputs
+    return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
+
+
+def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
+                 unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Any cell, differentiated by JAX: the reference the LSTM fast path is tested against."""
     xp = cell.project(x)
     w_h = cell.recurrent_kernel[...].astype(x.dtype)
     carry = cell.initial_carry(x.shape[0], x.dtype)
@@ -130,6 +140,86 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
     return cell.output(carry), outputs.swapaxes(0, 1)
 
 
+# ---------------------------------------------------------------------------------------
+# LSTM fast path: several directions in one scan, with a hand-written backward pass.
+#
+# Arrays are time-major with a direction axis D: xp [T, D, B, 4H], mask [T, D, B],
+# w_h [D, H, 4H]. A reverse direction is fed time-flipped, so one forward scan serves
+# both directions of a bidirectional layer (one batched matmul per step instead of two
+# sequential ones). Autodiff of the scan would also accumulate dW_h inside the backward
+# loop, a second small matmul per step; the VJP below leaves one matmul per step in the
+# loop and computes dW_h afterwards as one large matmul over all steps.
+
+
+def lstm_directions(cells: Sequence[LSTMCell], x: jax.Array, mask: jax.Array, reverse: Sequence[bool],
+                    *, unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Runs LSTM cells over [B, T, F] in one scan; returns (finals [D, B, H], outputs [B, T, D*H])."""
+    x_t = x.swapaxes(0, 1)  # transposing x is cheaper than transposing the 4H-wide projection
+    flip = lambda a, r: a[::-1] if r else a
+    xp = jnp.stack([flip(c.project(x_t), r) for c, r in zip(cells, reverse)], axis=1)
+    m = jnp.stack([flip(mask.T, r) for r in reverse], axis=1)
+    w_h = jnp.stack([c.recurrent_kernel[...] for c in cells]).astype(x.dtype)
+    final, outputs = _lstm_scan(xp, m, w_h, unroll)
+    outputs = jnp.concatenate([flip(outputs[:, d], r) for d, r in enumerate(reverse)], axis=-1)
+    return final, outputs.swapaxes(0, 1)
+
+
+def _lstm_forward(xp, mask, w_h, unroll, keep_residuals):
+    zeros = jnp.zeros(xp.shape[1:-1] + (w_h.shape[1],), xp.dtype)
+
+    def body(carry, inputs):
+        h, c = carry
+        xp_t, m_t = inputs
+        i, f, g, o = jnp.split(xp_t + h @ w_h, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c_new = f * c + i * g
+        tanh_c = jnp.tanh(c_new)
+        m = m_t[..., None]
+        h_new = jnp.where(m, o * tanh_c, h)
+        saved = (jnp.concatenate([i, f, g, o], axis=-1), tanh_c, h, c) if keep_residuals else None
+        return (h_new, jnp.where(m, c_new, c)), (jnp.where(m, h_new, 0), saved)
+
+    (h, _), (outputs, saved) = jax.lax.scan(body, (zeros, zeros), (xp, mask), unroll=unroll)
+    return (h, outputs), saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lstm_scan(xp, mask, w_h, unroll):
+    return _lstm_forward(xp, mask, w_h, unroll, keep_residuals=False)[0]
+
+
+def _lstm_scan_fwd(xp, mask, w_h, unroll):
+    out, saved = _lstm_forward(xp, mask, w_h, unroll, keep_residuals=True)
+    return out, (saved, mask, w_h)
+
+
+def _lstm_scan_bwd(unroll, residuals, cotangents):
+    (gates, tanh_c, h_prev, c_prev), mask, w_h = residuals
+    d_final, d_outputs = cotangents
+    w_t = jnp.swapaxes(w_h, -1, -2)
+
+    def body(carry, inputs):
+        dh, dc = carry  # cotangents of the carry after this step
+        gates_t, tanh_c_t, c_prev_t, d_out_t, m_t = inputs
+        m = m_t[..., None]
+        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
+        dh = dh + jnp.where(m, d_out_t, 0)
+        dh_step, dc_step = jnp.where(m, dh, 0), jnp.where(m, dc, 0)  # a padded step passes both through
+        dc_new = dc_step + dh_step * o * (1 - tanh_c_t ** 2)
+        dz = jnp.concatenate([dc_new * g * i * (1 - i), dc_new * c_prev_t * f * (1 - f),
+                              dc_new * i * (1 - g ** 2), dh_step * tanh_c_t * o * (1 - o)], axis=-1)
+        return (dz @ w_t + dh - dh_step, dc_new * f + dc - dc_step), dz
+
+    zeros = jnp.zeros_like(d_final)
+    _, dz = jax.lax.scan(body, (d_final, zeros), (gates, tanh_c, c_prev, d_outputs, mask),
+                         reverse=True, unroll=unroll)
+    d_w_h = jnp.einsum("tdbh,tdbg->dhg", h_prev, dz)
+    return dz, None, d_w_h
+
+
+_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+
+
 class RecurrentLayer(nnx.Module):
     """One uni- or bidirectional layer; outputs concatenate [forward, backward] features."""
 
@@ -142,6 +232,10 @@ class RecurrentLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (final state [B, D], outputs [B, T, D])."""
+        if isinstance(self.forward, LSTMCell) and self.backward is not None:
+            final, outputs = lstm_directions([self.forward, self.backward], x, mask, [False, True],
+                                             unroll=self.unroll)
+            return jnp.concatenate([final[0], final[1]], axis=-1), outputs
         final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
         if self.backward is not None:
             final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)
