@@ -172,15 +172,21 @@ def _lstm_forward(xp, mask, w_h, unroll, keep_residuals):
         xp_t, m_t = inputs
         i, f, g, o = jnp.split(xp_t + h @ w_h, 4, axis=-1)
         i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-        c_new = f * c + i * g
-        tanh_c = jnp.tanh(c_new)
         m = m_t[..., None]
-        h_new = jnp.where(m, o * tanh_c, h)
-        saved = (jnp.concatenate([i, f, g, o], axis=-1), tanh_c, h, c) if keep_residuals else None
-        return (h_new, jnp.where(m, c_new, c)), (jnp.where(m, h_new, 0), saved)
+        c_new = jnp.where(m, f * c + i * g, c)
+        h_new = jnp.where(m, o * jnp.tanh(c_new), h)
+        # Few stacked outputs: each is a [T, ...] buffer written (and zero-filled) every step.
+        return (h_new, c_new), ((h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
+                                if keep_residuals else h_new)
 
-    (h, _), (outputs, saved) = jax.lax.scan(body, (zeros, zeros), (xp, mask), unroll=unroll)
-    return (h, outputs), saved
+    (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), unroll=unroll)
+    hs = ys[0] if keep_residuals else ys
+    return (h, jnp.where(mask[..., None], hs, 0)), ys
+
+
+def _shift(seq):
+    """seq[t - 1] at step t, zeros at step 0: the carry each step started from."""
+    return jnp.concatenate([jnp.zeros_like(seq[:1]), seq[:-1]])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -194,26 +200,26 @@ def _lstm_scan_fwd(xp, mask, w_h, unroll):
 
 
 def _lstm_scan_bwd(unroll, residuals, cotangents):
-    (gates, tanh_c, h_prev, c_prev), mask, w_h = residuals
+    (hs, cs, gates), mask, w_h = residuals
     d_final, d_outputs = cotangents
     w_t = jnp.swapaxes(w_h, -1, -2)
 
     def body(carry, inputs):
         dh, dc = carry  # cotangents of the carry after this step
-        gates_t, tanh_c_t, c_prev_t, d_out_t, m_t = inputs
+        gates_t, c_t, c_prev_t, d_out_t, m_t = inputs
         m = m_t[..., None]
         i, f, g, o = jnp.split(gates_t, 4, axis=-1)
+        tanh_c = jnp.tanh(c_t)
         dh = dh + jnp.where(m, d_out_t, 0)
         dh_step, dc_step = jnp.where(m, dh, 0), jnp.where(m, dc, 0)  # a padded step passes both through
-        dc_new = dc_step + dh_step * o * (1 - tanh_c_t ** 2)
+        dc_new = dc_step + dh_step * o * (1 - tanh_c ** 2)
         dz = jnp.concatenate([dc_new * g * i * (1 - i), dc_new * c_prev_t * f * (1 - f),
-                              dc_new * i * (1 - g ** 2), dh_step * tanh_c_t * o * (1 - o)], axis=-1)
+                              dc_new * i * (1 - g ** 2), dh_step * tanh_c * o * (1 - o)], axis=-1)
         return (dz @ w_t + dh - dh_step, dc_new * f + dc - dc_step), dz
 
-    zeros = jnp.zeros_like(d_final)
-    _, dz = jax.lax.scan(body, (d_final, zeros), (gates, tanh_c, c_prev, d_outputs, mask),
-                         reverse=True, unroll=unroll)
-    d_w_h = jnp.einsum("tdbh,tdbg->dhg", h_prev, dz)
+    _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
+                         (gates, cs, _shift(cs), d_outputs, mask), reverse=True, unroll=unroll)
+    d_w_h = jnp.einsum("tdbh,tdbg->dhg", _shift(hs), dz)
     return dz, None, d_w_h
 
 
