@@ -115,8 +115,10 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
     if isinstance(cell, LSTMCell):
-        final, outputs = lstm_directions([cell], x, mask, [reverse], unroll=unroll)
-        return final[0], outputs
+        xp = cell.project(x.swapaxes(0, 1))  # time-major by transposing x, not the 4x wider projection
+        w_h = cell.recurrent_kernel[...].astype(x.dtype)
+        final, outputs = _lstm_scan(xp, mask.T, w_h, reverse, unroll)
+        return final, outputs.swapaxes(0, 1)
     return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
 
 
@@ -141,31 +143,16 @@ def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
 
 
 # ---------------------------------------------------------------------------------------
-# LSTM fast path: several directions in one scan, with a hand-written backward pass.
+# LSTM fast path: a hand-written backward pass.
 #
-# Arrays are time-major with a direction axis D: xp [T, D, B, 4H], mask [T, D, B],
-# w_h [D, H, 4H]. A reverse direction is fed time-flipped, so one forward scan serves
-# both directions of a bidirectional layer (one batched matmul per step instead of two
-# sequential ones). Autodiff of the scan would also accumulate dW_h inside the backward
-# loop, a second small matmul per step; the VJP below leaves one matmul per step in the
-# loop and computes dW_h afterwards as one large matmul over all steps.
+# Autodiff of the scan accumulates dW_h inside the backward loop, a second small matmul
+# per step. The VJP below leaves one matmul per step in the loop (dz @ W_h^T) and computes
+# dW_h afterwards as one large matmul over all steps. Arrays are time-major: xp [T, B, 4H],
+# mask [T, B], so every per-step slice is contiguous and dW_h needs no transposes.
 
 
-def lstm_directions(cells: Sequence[LSTMCell], x: jax.Array, mask: jax.Array, reverse: Sequence[bool],
-                    *, unroll: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Runs LSTM cells over [B, T, F] in one scan; returns (finals [D, B, H], outputs [B, T, D*H])."""
-    x_t = x.swapaxes(0, 1)  # transposing x is cheaper than transposing the 4H-wide projection
-    flip = lambda a, r: a[::-1] if r else a
-    xp = jnp.stack([flip(c.project(x_t), r) for c, r in zip(cells, reverse)], axis=1)
-    m = jnp.stack([flip(mask.T, r) for r in reverse], axis=1)
-    w_h = jnp.stack([c.recurrent_kernel[...] for c in cells]).astype(x.dtype)
-    final, outputs = _lstm_scan(xp, m, w_h, unroll)
-    outputs = jnp.concatenate([flip(outputs[:, d], r) for d, r in enumerate(reverse)], axis=-1)
-    return final, outputs.swapaxes(0, 1)
-
-
-def _lstm_forward(xp, mask, w_h, unroll, keep_residuals):
-    zeros = jnp.zeros(xp.shape[1:-1] + (w_h.shape[1],), xp.dtype)
+def _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals):
+    zeros = jnp.zeros(xp.shape[1:-1] + (w_h.shape[0],), xp.dtype)
 
     def body(carry, inputs):
         h, c = carry
@@ -179,30 +166,32 @@ def _lstm_forward(xp, mask, w_h, unroll, keep_residuals):
         return (h_new, c_new), ((h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
                                 if keep_residuals else h_new)
 
-    (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), unroll=unroll)
+    (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), reverse=reverse, unroll=unroll)
     hs = ys[0] if keep_residuals else ys
     return (h, jnp.where(mask[..., None], hs, 0)), ys
 
 
-def _shift(seq):
-    """seq[t - 1] at step t, zeros at step 0: the carry each step started from."""
-    return jnp.concatenate([jnp.zeros_like(seq[:1]), seq[:-1]])
+def _previous(seq, reverse):
+    """The carry each step started from: seq one step earlier in scan order, zeros first."""
+    zeros = jnp.zeros_like(seq[:1])
+    return jnp.concatenate([seq[1:], zeros]) if reverse else jnp.concatenate([zeros, seq[:-1]])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lstm_scan(xp, mask, w_h, unroll):
-    return _lstm_forward(xp, mask, w_h, unroll, keep_residuals=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lstm_scan(xp, mask, w_h, reverse, unroll):
+    """(final h [B, H], outputs [T, B, H]), zero outputs on padded steps."""
+    return _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=False)[0]
 
 
-def _lstm_scan_fwd(xp, mask, w_h, unroll):
-    out, saved = _lstm_forward(xp, mask, w_h, unroll, keep_residuals=True)
+def _lstm_scan_fwd(xp, mask, w_h, reverse, unroll):
+    out, saved = _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=True)
     return out, (saved, mask, w_h)
 
 
-def _lstm_scan_bwd(unroll, residuals, cotangents):
+def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
     (hs, cs, gates), mask, w_h = residuals
     d_final, d_outputs = cotangents
-    w_t = jnp.swapaxes(w_h, -1, -2)
+    w_t = w_h.T
 
     def body(carry, inputs):
         dh, dc = carry  # cotangents of the carry after this step
@@ -218,8 +207,9 @@ def _lstm_scan_bwd(unroll, residuals, cotangents):
         return (dz @ w_t + dh - dh_step, dc_new * f + dc - dc_step), dz
 
     _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
-                         (gates, cs, _shift(cs), d_outputs, mask), reverse=True, unroll=unroll)
-    d_w_h = jnp.einsum("tdbh,tdbg->dhg", _shift(hs), dz)
+                         (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
+                         unroll=unroll)
+    d_w_h = jnp.einsum("tbh,tbg->hg", _previous(hs, reverse), dz)
     return dz, None, d_w_h
 
 
@@ -238,10 +228,6 @@ class RecurrentLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (final state [B, D], outputs [B, T, D])."""
-        if isinstance(self.forward, LSTMCell) and self.backward is not None:
-            final, outputs = lstm_directions([self.forward, self.backward], x, mask, [False, True],
-                                             unroll=self.unroll)
-            return jnp.concatenate([final[0], final[1]], axis=-1), outputs
         final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
         if self.backward is not None:
             final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)
