@@ -101,8 +101,8 @@ def main(argv=None) -> None:
     # Warm-up: compile every batch width the bucketing can produce, then 3 steps.
     widths = range(args.bucket_width, 201, args.bucket_width) if args.bucket_width else [200]
     for w in widths:
-        b = batches.batch(np.arange(BATCH))
-        b = {k: (v[:, -w:] if v.ndim == 2 else v) for k, v in b.items()}
+        b = {"ids": ids[:BATCH, -w:], "mask": ids[:BATCH, -w:] != 0, "label": labels[:BATCH],
+             "weight": np.ones(BATCH, np.float32)}
         state, sums = train_step(state, sharding.put_batch(b, setup.batch_sharding), sums)
     for _ in range(3):
         state, sums = train_step(state, next(data), sums)
