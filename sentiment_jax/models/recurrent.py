@@ -12,6 +12,7 @@ GRU: r, z, n) so weights can be compared one to one.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -116,6 +117,17 @@ def _orthogonal_per_gate(num_gates: int):
 def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
+    if isinstance(cell, LSTMCell):
+        xp = cell.project(x.swapaxes(0, 1))  # time-major by transposing x, not the 4x wider projection
+        w_h = cell.recurrent_kernel[...].astype(x.dtype)
+        final, outputs = _lstm_scan(xp, mask.T, w_h, reverse, unroll)
+        return final, outputs.swapaxes(0, 1)
+    return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
+
+
+def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
+                 unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Any cell, differentiated by JAX: the reference the LSTM fast path is tested against."""
     xp = cell.project(x)
     w_h = cell.recurrent_kernel[...].astype(x.dtype)
     carry = cell.initial_carry(x.shape[0], x.dtype)
@@ -131,6 +143,80 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
     carry, outputs = jax.lax.scan(body, carry, (xp.swapaxes(0, 1), mask.T), reverse=reverse,
                                   unroll=unroll)
     return cell.output(carry), outputs.swapaxes(0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM fast path: a hand-written backward pass.
+#
+# Autodiff of the scan accumulates dW_h inside the backward loop, a second small matmul
+# per step. The VJP below leaves one matmul per step in the loop (dz @ W_h^T) and computes
+# dW_h afterwards as one large matmul over all steps. Arrays are time-major: xp [T, B, 4H],
+# mask [T, B], so every per-step slice is contiguous and dW_h needs no transposes.
+
+
+def _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals):
+    zeros = jnp.zeros(xp.shape[1:-1] + (w_h.shape[0],), xp.dtype)
+
+    def body(carry, inputs):
+        h, c = carry
+        xp_t, m_t = inputs
+        i, f, g, o = jnp.split(xp_t + h @ w_h, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        m = m_t[..., None]
+        c_new = jnp.where(m, f * c + i * g, c)
+        h_new = jnp.where(m, o * jnp.tanh(c_new), h)
+        # Few stacked outputs: each is a [T, ...] buffer written (and zero-filled) every step.
+        return (h_new, c_new), ((h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
+                                if keep_residuals else h_new)
+
+    (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), reverse=reverse, unroll=unroll)
+    hs = ys[0] if keep_residuals else ys
+    return (h, jnp.where(mask[..., None], hs, 0)), ys
+
+
+def _previous(seq, reverse):
+    """The carry each step started from: seq one step earlier in scan order, zeros first."""
+    zeros = jnp.zeros_like(seq[:1])
+    return jnp.concatenate([seq[1:], zeros]) if reverse else jnp.concatenate([zeros, seq[:-1]])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lstm_scan(xp, mask, w_h, reverse, unroll):
+    """(final h [B, H], outputs [T, B, H]), zero outputs on padded steps."""
+    return _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=False)[0]
+
+
+def _lstm_scan_fwd(xp, mask, w_h, reverse, unroll):
+    out, saved = _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=True)
+    return out, (saved, mask, w_h)
+
+
+def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
+    (hs, cs, gates), mask, w_h = residuals
+    d_final, d_outputs = cotangents
+    w_t = w_h.T
+
+    def body(carry, inputs):
+        dh, dc = carry  # cotangents of the carry after this step
+        gates_t, c_t, c_prev_t, d_out_t, m_t = inputs
+        m = m_t[..., None]
+        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
+        tanh_c = jnp.tanh(c_t)
+        dh = dh + jnp.where(m, d_out_t, 0)
+        dh_step, dc_step = jnp.where(m, dh, 0), jnp.where(m, dc, 0)  # a padded step passes both through
+        dc_new = dc_step + dh_step * o * (1 - tanh_c ** 2)
+        dz = jnp.concatenate([dc_new * g * i * (1 - i), dc_new * c_prev_t * f * (1 - f),
+                              dc_new * i * (1 - g ** 2), dh_step * tanh_c * o * (1 - o)], axis=-1)
+        return (dz @ w_t + dh - dh_step, dc_new * f + dc - dc_step), dz
+
+    _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
+                         (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
+                         unroll=unroll)
+    d_w_h = jnp.einsum("tbh,tbg->hg", _previous(hs, reverse), dz)
+    return dz, None, d_w_h
+
+
+_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 
 
 class RecurrentLayer(nnx.Module):

@@ -1,0 +1,139 @@
+"""Paired-benchmark contender: the peers' `uni` and `bi2` LSTMs trained with this project's code.
+
+Speaks the serve protocol of ../shared/bench/peers/README.md, so it joins their rotation:
+
+  cd ../shared/bench/peers && python3 bench_paired.py --only 'torch uni' --contender \
+      'jax uni=env PYTHONPATH=/path/to/repo /path/to/python -m sentiment_jax.bench_serve --model uni'
+
+Same arrays ($PEERS_HOME/imdb_10k_200.npz), shapes, batch 64 and Adam 1e-3 as the peers, built
+with `train.create_state` / `train.make_train_step`, and exact masking on: the mask is
+`ids != 0`, so the front padding never reaches the LSTM state (the peers run it through).
+`--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
+peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
+One difference remains in bi2: our head also applies dropout to the pooled features before its
+first Dense layer, as `RecurrentClassifier` always does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sentiment_jax import config_base, input_pipeline, sharding, train
+
+VOCAB, BATCH = 10_000, 64
+
+
+def peer_config(model: str, unroll: int):
+    """The peers' model and optimiser in our config: plain Adam, no clipping, no schedule."""
+    c = config_base.base_config()
+    c.model.embed_dim, c.model.unroll = 128, unroll
+    if model == "uni":
+        c.model.hidden_sizes, c.model.bidirectional, c.model.pooling = (128,), False, "last"
+        c.train.loss = "sigmoid"
+    else:
+        c.model.hidden_sizes, c.model.bidirectional, c.model.pooling = (256, 256), True, "last"
+        c.model.dropout, c.model.head_sizes = 0.3, (128,)
+        c.train.loss = "softmax"
+    c.train.batch_size, c.train.learning_rate, c.train.schedule = BATCH, 1e-3, "constant"
+    c.train.grad_clip, c.train.weight_decay = 0.0, 0.0
+    return c
+
+
+def nominal_mflop(cfg, steps: int = 200) -> float:
+    """Training MFLOP per example as the peers count it: 3 x 2*4*H*(E+H)*T per layer and direction."""
+    total, width = 0, cfg.model.embed_dim
+    for hidden in cfg.model.hidden_sizes:
+        dirs = 2 if cfg.model.bidirectional else 1
+        total += 3 * 2 * 4 * hidden * (width + hidden) * steps * dirs
+        width = hidden * dirs
+    return total / 1e6
+
+
+def xla_gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """float32 n^3 matmul GFLOP/s of XLA itself, to set our figures against (median of reps)."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return round(2 * n ** 3 / float(np.median(times)) / 1e9, 1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("uni", "bi2"), default="uni")
+    ap.add_argument("--data", default=os.path.join(os.environ.get("PEERS_HOME") or "/tmp/peers", "imdb_10k_200.npz"))
+    ap.add_argument("--bucket_width", type=int, default=0)
+    ap.add_argument("--unroll", type=int, default=0, help="scan unroll; 0 keeps the config default")
+    ap.add_argument("--steps", type=int, default=0, help=">0: time this many steps, print one line, exit")
+    args = ap.parse_args(argv)
+
+    cfg = peer_config(args.model, args.unroll or config_base.base_config().model.unroll)
+    with np.load(args.data) as f:
+        ids, labels = f["x_train"].astype(np.int32), f["y_train"].astype(np.int32)
+    split = input_pipeline.Encoded(ids, (ids != 0).sum(1).astype(np.int32), labels)
+    batches = input_pipeline.Batches(split, BATCH, padding="pre", shuffle=True, seed=0,
+                                     bucket_width=args.bucket_width)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state, setup = train.create_state(cfg, mesh, VOCAB, 2, total_steps=1)
+    train_step = train.make_train_step(setup)
+    sums = train.zero_metrics(mesh)
+
+    def stream():
+        epoch = 0
+        while True:
+            for _, batch in batches.epoch(epoch):
+                yield sharding.put_batch(batch, setup.batch_sharding)
+            epoch += 1
+
+    data = stream()
+    # Warm-up: compile every batch width the bucketing can produce, then 3 steps.
+    widths = range(args.bucket_width, 201, args.bucket_width) if args.bucket_width else [200]
+    for w in widths:
+        b = {"ids": ids[:BATCH, -w:], "mask": ids[:BATCH, -w:] != 0, "label": labels[:BATCH],
+             "weight": np.ones(BATCH, np.float32)}
+        state, sums = train_step(state, sharding.put_batch(b, setup.batch_sharding), sums)
+    for _ in range(3):
+        state, sums = train_step(state, next(data), sums)
+    jax.block_until_ready(state)
+
+    mflop = nominal_mflop(cfg)
+
+    def timed(n):
+        nonlocal state, sums
+        state, sums = jax.block_until_ready(train_step(state, next(data), sums))  # untimed
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            state, sums = train_step(state, next(data), sums)
+        jax.block_until_ready((state, sums))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        rate = n * BATCH / dt
+        # cpu_s_per_step: CPU time of this process, a steadier yardstick than wall time on a busy machine.
+        return {"steps": n, "seconds": round(dt, 4), "examples_per_s": round(rate, 2),
+                "gflop_s": round(rate * mflop / 1e3, 1), "cpu_s_per_step": round(cpu / n, 4)}
+
+    info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": args.model, "batch": BATCH,
+            "mode": "serve", "unroll": cfg.model.unroll, "bucket_width": args.bucket_width,
+            "mflop_per_example": round(mflop, 1), "params": train.parameter_counts(state)["trainable_params"],
+            "xla_gemm_gflops": xla_gemm_gflops(), "ready": True}
+    if args.steps:
+        print(json.dumps(dict(info, **timed(args.steps))), flush=True)
+        return
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(timed(int(line))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
