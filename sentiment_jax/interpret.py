@@ -64,7 +64,7 @@ def saliency(model: nnx.Module, ids: jax.Array, mask: jax.Array, target: int) ->
         m.embed = _Shifted(m.embed, delta)
         return jnp.log(train.probabilities(m(ids, mask, deterministic=True))[0, target])
 
-    grad = jax.grad(log_prob)(jnp.zeros_like(embedded))
+    grad = jax.jit(jax.grad(log_prob))(jnp.zeros_like(embedded))
     return np.asarray(jnp.sum(grad * embedded, axis=-1)[0])
 
 
@@ -84,14 +84,14 @@ def explain(run: runs.Restored, text: str) -> dict:
     words, token_ids = tokens(run, text)
     ids = jnp.asarray(token_ids[None, :])
     mask = jnp.ones_like(ids, bool)
-    probs = np.asarray(train.probabilities(run.model(ids, mask, deterministic=True))[0])
+    probs = np.asarray(nnx.jit(lambda m: train.probabilities(m(ids, mask, deterministic=True)))(run.model)[0])
     predicted = int(probs.argmax())
     out = {"words": words, "probabilities": probs, "predicted": predicted,
            "label": run.label_names[predicted], "saliency": saliency(run.model, ids, mask, predicted)}
     weights = None
     if hasattr(run.model, "attention_weights"):
         try:
-            weights = run.model.attention_weights(ids, mask)
+            weights = nnx.jit(lambda m: m.attention_weights(ids, mask))(run.model)
         except ValueError:  # e.g. an LSTM whose pooling is not attention
             weights = None
     if isinstance(weights, (list, tuple)):  # transformer: per layer [1, heads, T', T']
@@ -190,11 +190,15 @@ def attention_figure(explanation: dict, out: str | pathlib.Path, max_words: int 
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trained run.", required=True)
-flags.DEFINE_string("text", None, "The text to explain.", required=True)
-flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-flags.DEFINE_integer("top", 8, "How many top words to print per method.")
-flags.DEFINE_string("out", None, "PNG to write (default WORKDIR/interpret.png).")
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so the modules can be imported together."""
+    flags.DEFINE_string("workdir", None, "A trained run.", required=True)
+    flags.DEFINE_string("text", None, "The text to explain.", required=True)
+    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+    flags.DEFINE_integer("top", 8, "How many top words to print per method.")
+    flags.DEFINE_string("out", None, "PNG to write (default WORKDIR/interpret.png).")
 
 
 def main(argv):
@@ -221,4 +225,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

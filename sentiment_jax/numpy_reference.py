@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from sentiment_jax import input_pipeline, runs, train
 
@@ -118,7 +119,7 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 def numpy_params(state: train.TrainState) -> dict:
     """A checkpoint's parameters as nested dicts of float64 arrays (list layers keyed 0, 1, ...)."""
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), state.params.to_pure_dict())
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(state.params))
 
 
 def compare(workdir: str | pathlib.Path, split: str = "test", which: str | int = "best",
@@ -162,10 +163,14 @@ def compare(workdir: str | pathlib.Path, split: str = "test", which: str | int =
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trained run of a recurrent model (lstm, gru, rnn).", required=True)
-flags.DEFINE_string("split", "test", "The split to compare on.")
-flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-flags.DEFINE_integer("max_examples", 0, ">0: only the first N examples of the split.")
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so the modules can be imported together."""
+    flags.DEFINE_string("workdir", None, "A trained run of a recurrent model (lstm, gru, rnn).", required=True)
+    flags.DEFINE_string("split", "test", "The split to compare on.")
+    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+    flags.DEFINE_integer("max_examples", 0, ">0: only the first N examples of the split.")
 
 
 def main(argv):
@@ -185,4 +190,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

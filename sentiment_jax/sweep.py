@@ -275,12 +275,16 @@ def run_sweep(spec_file: str, workdir: str | pathlib.Path, overrides: dict | Non
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sweep", None, "Sweep file, FILE.py[:PRESET] (see configs/sweeps/).", required=True)
-flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per run, summary files at the top.",
-                    required=True)
-flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run, e.g. --set=train.epochs=1 (repeatable).")
-flags.DEFINE_list("seeds", [], "Seeds to run each configuration with, e.g. 0,1,2 (default: the sweep's).")
-flags.DEFINE_bool("plots", True, "Draw curves, F1 bars and confusion matrices.")
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so the modules can be imported together."""
+    flags.DEFINE_string("sweep", None, "Sweep file, FILE.py[:PRESET] (see configs/sweeps/).", required=True)
+    flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per run, summary files at the top.",
+                        required=True)
+    flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run, e.g. --set=train.epochs=1 (repeatable).")
+    flags.DEFINE_list("seeds", [], "Seeds to run each configuration with, e.g. 0,1,2 (default: the sweep's).")
+    flags.DEFINE_bool("plots", True, "Draw curves, F1 bars and confusion matrices.")
 
 
 def main(argv):
@@ -305,4 +309,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
