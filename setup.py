@@ -20,10 +20,12 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1",
+             "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
 }
 
 setup(

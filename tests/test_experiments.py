@@ -153,3 +153,21 @@ def test_command_line_mistakes_are_one_line(tmp_path, module, args, message):
                          timeout=300)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_the_comparison_notebook_runs(tiny_sweep, monkeypatch):
+    """Executes notebooks/compare_models.ipynb on the tiny sweep (its finished runs are picked up)."""
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    spec_file, workdir, _ = tiny_sweep
+    monkeypatch.setenv("SWEEP", spec_file)
+    monkeypatch.setenv("SWEEP_DIR", str(workdir))
+    notebook = nbformat.read(REPO / "notebooks" / "compare_models.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
+    assert "**lstm** (best)" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # curves, F1, 2 confusions, words
+    assert (workdir / "interpret_best.png").is_file()
