@@ -40,11 +40,18 @@ def base_config() -> ml_collections.ConfigDict:
     t.path = config_dict.placeholder(str)  # huggingface: folder with tokenizer.json
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "lstm"  # lstm | gru | rnn
-    m.embed_dim = 128
-    m.hidden_sizes = (128,)  # one entry per stacked layer
-    m.bidirectional = True  # or one bool per layer
-    m.pooling = "last"  # last | mean | max | mean_max
+    m.name = "lstm"  # lstm | gru | rnn | transformer
+    m.embed_dim = 128  # transformer: the model width
+    m.hidden_sizes = (128,)  # recurrent: one entry per stacked layer
+    # recurrent: True/False for every layer, or one bool per layer, e.g. (True, False, False)
+    m.bidirectional = config_dict.FieldReference(True, field_type=object)
+    m.pooling = "last"  # recurrent: last | mean | max | mean_max | attention; transformer: mean | cls
+    m.attention_dim = 64  # pooling 'attention': width of the scoring layer
+    m.num_layers = 2  # transformer: encoder blocks
+    m.num_heads = 4  # transformer: divides embed_dim
+    m.mlp_dim = 256  # transformer: hidden width of each block's MLP
+    m.positions = "sinusoidal"  # transformer: sinusoidal | learned
+    m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
     m.embed_dropout = 0.0
     m.head_sizes = ()  # hidden layers of the MLP head
@@ -82,9 +89,30 @@ def base_config() -> ml_collections.ConfigDict:
     ms.logical_axis_rules = (
         ("vocab", None), ("embed", None), ("hidden", None), ("gates", None),
         ("features", None), ("mlp", None), ("classes", None),
+        ("heads", None), ("kv", None), ("pos", None),
     )
 
     c.eval = e = ml_collections.ConfigDict()
     e.split = "test"
     e.checkpoint = "best"  # best | latest | a step number
+    return c
+
+
+def variant_data(c: ml_collections.ConfigDict, variant: str, config_file: str) -> ml_collections.ConfigDict:
+    """The dataset half of a config variant, shared by the model configs: `imdb` or `nusax`.
+
+    `nusax` is NusaX-Senti (3 classes, 500 short training texts; pick one of its 12
+    languages with --config.data.language), selecting checkpoints by validation macro-F1.
+    """
+    if variant == "imdb":
+        c.data.name = "imdb"
+    elif variant == "nusax":
+        c.data.name = "nusax_senti"
+        c.data.max_length = 128
+        c.data.tokenizer.vocab_size = 8000
+        c.train.epochs = 20
+        c.train.batch_size = 32
+        c.checkpoint.best_metric = "macro_f1"
+    else:
+        raise ValueError(f"unknown variant '{variant}' of {config_file}; choose imdb or nusax")
     return c

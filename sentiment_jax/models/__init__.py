@@ -11,7 +11,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from sentiment_jax.models import recurrent
+from sentiment_jax.models import recurrent, transformer
 
 # Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
 nnx.use_eager_sharding(False)
@@ -26,14 +26,27 @@ def _recurrent(cell: str) -> Callable:
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
             bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
             pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
-            head_sizes=tuple(cfg.head_sizes), unroll=cfg.unroll, dtype=DTYPES[cfg.dtype], rngs=rngs)
+            head_sizes=tuple(cfg.head_sizes), attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
+            dtype=DTYPES[cfg.dtype], rngs=rngs)
     return build
+
+
+def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.head_sizes:
+        raise ValueError("model.head_sizes is not used by the transformer (its head is one linear layer); "
+                         "leave it ()")
+    return transformer.TransformerClassifier(
+        vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, positions=cfg.positions, max_positions=cfg.max_positions,
+        pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, dtype=DTYPES[cfg.dtype],
+        rngs=rngs)
 
 
 MODELS: dict[str, Callable] = {
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
     "rnn": _recurrent("rnn"),
+    "transformer": _transformer,
 }
 
 

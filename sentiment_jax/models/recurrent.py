@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sentiment_jax.models.pooling import AttentionPool, masked_pool
+
 Carry = tuple[jax.Array, ...]
 
 
@@ -150,18 +152,7 @@ class RecurrentLayer(nnx.Module):
         return final, outputs
 
 
-def masked_pool(outputs: jax.Array, mask: jax.Array, how: str) -> jax.Array:
-    """Mean or max over real time steps of [B, T, D]; an empty sequence pools to zeros."""
-    m = mask[..., None]
-    if how == "mean":
-        return jnp.sum(jnp.where(m, outputs, 0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
-    if how == "max":
-        pooled = jnp.max(jnp.where(m, outputs, -jnp.inf), axis=1)
-        return jnp.where(jnp.isfinite(pooled), pooled, 0)
-    raise ValueError(f"unknown pooling '{how}'")
-
-
-POOLINGS = ("last", "mean", "max", "mean_max")
+POOLINGS = ("last", "mean", "max", "mean_max", "attention")
 
 
 class RecurrentClassifier(nnx.Module):
@@ -170,7 +161,8 @@ class RecurrentClassifier(nnx.Module):
     def __init__(self, *, vocab_size: int, num_outputs: int, cell: str = "lstm", embed_dim: int = 128,
                  hidden_sizes: Sequence[int] = (128,), bidirectional: bool | Sequence[bool] = True,
                  pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
-                 head_sizes: Sequence[int] = (), unroll: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+                 head_sizes: Sequence[int] = (), attention_dim: int = 64, unroll: int = 1, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
         if pooling not in POOLINGS:
@@ -191,6 +183,7 @@ class RecurrentClassifier(nnx.Module):
             width = layers[-1].out_features
         self.layers = nnx.List(layers)
         self.pooling = pooling
+        self.attention = AttentionPool(width, attention_dim, rngs=rngs) if pooling == "attention" else None
         self.embed_dropout = nnx.Dropout(embed_dropout)
         self.dropout = nnx.Dropout(dropout)
         width *= 2 if pooling == "mean_max" else 1
@@ -203,9 +196,9 @@ class RecurrentClassifier(nnx.Module):
         self.out = nnx.Linear(width, num_outputs, rngs=rngs, kernel_init=nnx.with_partitioning(
             nnx.initializers.lecun_normal(), ("features", "classes")))
 
-    def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """The pooled text representation [B, D] fed to the head."""
+    def encode(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """The last layer's (final state [B, D], outputs [B, T, D])."""
         x = self.embed(ids).astype(self.dtype)
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         final = None
@@ -213,11 +206,25 @@ class RecurrentClassifier(nnx.Module):
             if i:
                 x = self.dropout(x, deterministic=deterministic, rngs=rngs)
             final, x = layer(x, mask)
+        return final, x
+
+    def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The pooled text representation [B, D] fed to the head."""
+        final, x = self.encode(ids, mask, deterministic=deterministic, rngs=rngs)
         if self.pooling == "last":
             return final
+        if self.pooling == "attention":
+            return self.attention(x, mask)
         if self.pooling == "mean_max":
             return jnp.concatenate([masked_pool(x, mask, "mean"), masked_pool(x, mask, "max")], axis=-1)
         return masked_pool(x, mask, self.pooling)
+
+    def attention_weights(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, T] weights of attention pooling (sum 1 over real tokens, 0 on padding), for display."""
+        if self.attention is None:
+            raise ValueError(f"attention_weights needs model.pooling 'attention', not '{self.pooling}'")
+        return self.attention.weights(self.encode(ids, mask)[1], mask)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

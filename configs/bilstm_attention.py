@@ -1,0 +1,21 @@
+"""BiLSTM with learned attention pooling: a weighted sum of the BiLSTM outputs, weights shown per token.
+
+  python -m sentiment_jax.main --config=configs/bilstm_attention.py --workdir=runs/bilstm_attention
+  python -m sentiment_jax.main --config=configs/bilstm_attention.py:nusax --workdir=runs/bilstm_attention_id
+Single-logit sigmoid/BCE output instead of 2-way softmax (binary data only): --config.train.loss=sigmoid.
+"""
+
+from sentiment_jax.config_base import base_config, variant_data
+
+
+def get_config(variant: str = "imdb"):
+    c = base_config()
+    c.model.name = "lstm"
+    c.model.embed_dim = 128
+    c.model.hidden_sizes = (128,)
+    c.model.bidirectional = True
+    c.model.pooling = "attention"
+    c.model.attention_dim = 64
+    c.model.dropout = 0.3
+    c.data.bucket_width = 50
+    return variant_data(c, variant, "configs/bilstm_attention.py")
