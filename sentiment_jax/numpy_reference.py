@@ -82,9 +82,9 @@ def pool(outputs, mask, final, params, how):
     if how == "attention":  # score_t = v . tanh(W h_t + b), softmax over real steps
         a = params["attention"]
         scores = (np.tanh(outputs @ a["proj"]["kernel"] + a["proj"]["bias"]) @ a["score"]["kernel"])[..., 0]
-        scores = np.where(mask, scores, -np.inf)
-        w = np.where(mask, np.exp(scores - scores.max(1, keepdims=True)), 0.0)
-        w = w / w.sum(1, keepdims=True)
+        top = np.where(mask, scores, -np.inf).max(1, keepdims=True)
+        w = np.where(mask, np.exp(scores - np.where(np.isfinite(top), top, 0.0)), 0.0)
+        w = w / np.maximum(w.sum(1, keepdims=True), 1e-300)  # an empty text pools to zeros
         return (w[..., None] * outputs).sum(1)
     raise ValueError(f"the NumPy reference has no pooling '{how}'")
 

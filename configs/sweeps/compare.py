@@ -9,7 +9,9 @@ full:  all of IMDB with each model's own config file unchanged.
 
 MODELS = [
     {"name": "lstm", "config": "configs/lstm.py"},
-    {"name": "gru", "config": "configs/lstm.py", "set": {"model.name": "gru"}},
+    {"name": "bilstm_attention", "config": "configs/bilstm_attention.py"},
+    {"name": "transformer", "config": "configs/transformer.py"},
+    {"name": "simple_rnn", "config": "configs/rnn.py"},
 ]
 
 QUICK = {

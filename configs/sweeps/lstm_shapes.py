@@ -3,8 +3,8 @@
   python -m sentiment_jax.sweep --sweep=configs/sweeps/lstm_shapes.py:quick --workdir=runs/shapes_quick
   python -m sentiment_jax.sweep --sweep=configs/sweeps/lstm_shapes.py:full --workdir=runs/shapes --seeds=0,1,2
 
-The last layer's final state is the text vector (`pooling=last`), as in the stacked-LSTM
-notebooks this study comes from, so depth and direction are what change.
+Starts from configs/stacked_lstm.py (the last layer's final state is the text vector, as in
+the notebooks this study comes from) and crosses layer sizes with direction.
 """
 
 QUICK = {
@@ -19,8 +19,8 @@ def get_sweep(preset: str = "quick"):
     if preset not in ("quick", "full"):
         raise ValueError(f"unknown preset '{preset}' of configs/sweeps/lstm_shapes.py; choose quick or full")
     return {
-        "config": "configs/lstm.py",
-        "set": {"model.pooling": "last", "model.dropout": 0.2, **(QUICK if preset == "quick" else {})},
+        "config": "configs/stacked_lstm.py",
+        "set": QUICK if preset == "quick" else {},
         "grid": {
             "model.hidden_sizes": [(64,), (64, 32), (128, 64), (64, 32, 16)],
             "model.bidirectional": [False, True],
