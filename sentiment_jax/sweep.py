@@ -136,6 +136,9 @@ def expand(spec: dict, overrides: dict | None = None, where: str = "sweep") -> l
 # Running.
 
 
+OTHER_CONFIG = "the folder holds a run of another config; delete it or use another --workdir"
+
+
 def _same_config(cfg, folder: pathlib.Path) -> bool:
     saved = folder / "config.json"
     return not saved.is_file() or json.loads(saved.read_text()) == json.loads(cfg.to_json_best_effort())
@@ -145,13 +148,11 @@ def run_all(sweep_runs: list[Run], workdir: pathlib.Path) -> None:
     """Trains each run that has no result yet; a failure is written down, not raised."""
     for i, run in enumerate(sweep_runs, 1):
         folder = workdir / run.folder
+        if not _same_config(run.cfg, folder):
+            print(f"[{i}/{len(sweep_runs)}] {run.folder}: {OTHER_CONFIG}", flush=True)
+            continue
         if runs.read_result(folder) is not None:
             print(f"[{i}/{len(sweep_runs)}] {run.folder}: done, skipped", flush=True)
-            continue
-        if not _same_config(run.cfg, folder):
-            message = f"{folder} holds a run of another config; delete it or use another --workdir"
-            print(f"[{i}/{len(sweep_runs)}] {run.folder}: {message}", flush=True)
-            (folder / "error.txt").write_text(message + "\n")
             continue
         print(f"[{i}/{len(sweep_runs)}] {run.folder}: training", flush=True)
         (folder / "error.txt").unlink(missing_ok=True)
@@ -174,6 +175,8 @@ def run_row(run: Run, workdir: pathlib.Path) -> dict:
     """One run's figures; validation ones from the epoch the best checkpoint was chosen by."""
     folder = workdir / run.folder
     row = {"name": run.name, "seed": run.seed, "status": "not run", "folder": run.folder}
+    if not _same_config(run.cfg, folder):
+        return {**row, "status": "failed", "error": OTHER_CONFIG}
     result, epochs = runs.read_result(folder), runs.read_metrics(folder, "epoch")
     if (folder / "error.txt").is_file():
         row.update(status="failed", error=(folder / "error.txt").read_text().splitlines()[0])

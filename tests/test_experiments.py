@@ -82,6 +82,12 @@ def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatc
     again = sweep.run_sweep(spec_file, workdir, plots=False)
     assert sorted(p.relative_to(workdir).as_posix() for p in trained) == ["broken/seed_0", "broken/seed_1"]
     assert [r["status"] for r in again["runs"]] == [r["status"] for r in summary["runs"]]
+    # Changing the sweep under existing runs is reported, never silently mixed with old results.
+    spec = sweep.load_python_file(spec_file, "get_sweep")
+    changed = sweep.expand({**spec, "set": {**spec["set"], "train.epochs": 3}})
+    sweep.run_all(changed, workdir)
+    assert not trained[2:]
+    assert {r["error"] for r in sweep.summarize(changed, workdir)["runs"]} == {sweep.OTHER_CONFIG}
 
 
 @pytest.mark.parametrize("model", [
