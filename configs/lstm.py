@@ -4,7 +4,7 @@
   python -m sentiment_jax.main --config=configs/lstm.py:nusax --workdir=runs/nusax   # NusaX-Senti
 """
 
-from sentiment_jax.config_base import base_config
+from sentiment_jax.config_base import base_config, variant_data
 
 
 def get_config(variant: str = "imdb"):
@@ -16,16 +16,4 @@ def get_config(variant: str = "imdb"):
     c.model.pooling = "mean_max"
     c.model.dropout = 0.3
     c.data.bucket_width = 50
-    if variant == "imdb":
-        c.data.name = "imdb"
-    elif variant == "nusax":
-        c.data.name = "nusax_senti"
-        c.data.language = "indonesian"
-        c.data.max_length = 128
-        c.data.tokenizer.vocab_size = 8000
-        c.train.epochs = 20
-        c.train.batch_size = 32
-        c.checkpoint.best_metric = "macro_f1"
-    else:
-        raise ValueError(f"unknown variant '{variant}' of configs/lstm.py; choose imdb or nusax")
-    return c
+    return variant_data(c, variant, "configs/lstm.py")
