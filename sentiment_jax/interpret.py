@@ -182,6 +182,7 @@ def attention_figure(explanation: dict, out: str | pathlib.Path, max_words: int 
             ticks = range(n) if n <= 25 else []
             ax.set_xticks(ticks, [words[i] for i in ticks], rotation=90, fontsize=6)
             ax.set_yticks(ticks, [words[i] for i in ticks], fontsize=6)
+    fig.suptitle("attention weights: rows are queries, columns the words they attend to", fontsize=10)
     fig.tight_layout()
     out = pathlib.Path(out)
     fig.savefig(out, dpi=110, bbox_inches="tight")
