@@ -20,12 +20,15 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
-    "matplotlib==3.11.2",
+    "fastapi==0.165.0",  # the HTTP API (sentiment_jax/serve.py)
+    "uvicorn==0.54.0",
+    "matplotlib==3.11.2",  # figures (sentiment_jax/plots.py, interpret.py)
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1",
-             "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1", "httpx==0.28.1",
+             "hypothesis==6.170.15", "filelock==4.2.12", "nbformat==5.11.1", "nbclient==0.11.0",
+             "ipykernel==7.4.0"],
 }
 
 setup(

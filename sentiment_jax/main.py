@@ -1,4 +1,7 @@
-"""Command line: `python -m sentiment_jax.main --config=configs/lstm.py --workdir=DIR [--mode=eval]`."""
+"""Command line: `python -m sentiment_jax.main --config=configs/lstm.py --workdir=DIR [--mode=eval]`.
+
+Predict: `python -m sentiment_jax.main --mode=predict --workdir=DIR [--input=FILE] [TEXT ...]`.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +15,24 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: FILE.py:VARIANT.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.", required=True)
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if DIR has checkpoints) or eval.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                  "train (resumes if DIR has checkpoints), eval, or predict (JSON lines to stdout).")
 flags.DEFINE_string("split", None, "eval: the split to report (default config.eval.split).")
-flags.DEFINE_string("checkpoint", None, "eval: best, latest or a step number (default config.eval.checkpoint).")
+flags.DEFINE_string("checkpoint", None, "eval/predict: best, latest or a step number (default config.eval.checkpoint).")
+flags.DEFINE_string("input", None, "predict: .csv, .jsonl or one-text-per-line file, or - for stdin "
+                    "(default: the texts given as arguments, else stdin).")
+flags.DEFINE_string("text_field", "text", "predict: the CSV column or JSON key holding the text.")
 flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (for testing sharding).")
 
 
 def main(argv):
-    del argv
     if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; our progress goes to stdout
         logging.set_verbosity(logging.WARNING)
     import jax
 
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from sentiment_jax import checkpoints, data, train
+    from sentiment_jax import checkpoints, data, predict, train
 
     workdir = pathlib.Path(FLAGS.workdir)
     try:
@@ -35,6 +41,9 @@ def main(argv):
             if FLAGS.config is None:
                 raise ValueError("--config is required to train")
             train.train_and_evaluate(cfg, workdir)
+        elif FLAGS.mode == "predict":
+            texts = argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field)
+            predict.predict(workdir, texts, checkpoint=FLAGS.checkpoint or cfg.eval.checkpoint)
         else:
             train.evaluate(cfg, workdir, split=FLAGS.split or cfg.eval.split,
                            which=FLAGS.checkpoint or cfg.eval.checkpoint)

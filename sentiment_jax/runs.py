@@ -32,9 +32,13 @@ def read_result(workdir: str | pathlib.Path) -> dict | None:
 
 
 def label_names(workdir: str | pathlib.Path) -> list[str]:
+    """Class names in logit order: `labels.json`, else (runs older than it) the finished run's result."""
+    workdir = pathlib.Path(workdir)
+    if (workdir / train.LABELS_FILE).is_file():
+        return list(train.load_labels(workdir))
     result = read_result(workdir)
     if result is None:
-        raise FileNotFoundError(f"{pathlib.Path(workdir) / 'result.json'} not found; is the run finished?")
+        raise FileNotFoundError(f"{workdir / train.LABELS_FILE} not found; is {workdir} a trained run?")
     return list(result["per_class"])
 
 

@@ -215,6 +215,8 @@ def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Ba
 # ---------------------------------------------------------------------------------------
 # Data for a run.
 
+LABELS_FILE = "labels.json"
+
 
 def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
     """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded)."""
@@ -225,6 +227,8 @@ def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
         sync("tokenizer")
     tokenizer = tokenization.load(workdir)
     encoded = input_pipeline.encode_splits(dataset, tokenizer, cfg.data, workdir)
+    if jax.process_index() == 0:  # so inference needs only the workdir (an old run gets it from one eval)
+        (workdir / LABELS_FILE).write_text(json.dumps(list(dataset.label_names)))
     return dataset, tokenizer, encoded
 
 
@@ -252,6 +256,14 @@ def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; pass --config or a workdir written by a training run")
     return ml_collections.ConfigDict(json.loads(file.read_text()))
+
+
+def load_labels(workdir: pathlib.Path) -> tuple[str, ...]:
+    """The class names of a run, in logit order."""
+    file = workdir / LABELS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; run --mode=eval on {workdir} once to write it")
+    return tuple(json.loads(file.read_text()))
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,3 +26,90 @@ def real_data() -> pathlib.Path:
     if root is None:
         pytest.skip("real data not found; set SENTIMENT_JAX_DATA")
     return root
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny trained runs for the inference, predict and serving tests.
+
+CUES = {"pos": ["good", "great", "love", "superb"], "neg": ["bad", "awful", "hate", "boring"],
+        "neu": ["okay", "average", "fine", "plain"]}  # by the first three letters of a class name
+FILLER = ["the", "movie", "plot", "was", "and", "a", "film", "it"]
+
+
+def write_split(path: pathlib.Path, labels: list[str], n: int, seed: int) -> None:
+    """A CSV whose label is told by a few cue words among filler words."""
+    import csv
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = list(rng.choice(FILLER, rng.integers(3, 40))) + list(rng.choice(CUES[label[:3]], 2))
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+
+
+def tiny_flags(data_dir: pathlib.Path, run: dict) -> list[str]:
+    """Command-line overrides of a config file for a tiny run of it on generated data."""
+    overrides = {"data.name": "csv", "data.max_length": 48, "data.bucket_width": 0,
+                 "data.tokenizer.vocab_size": 64, "train.epochs": 3, "train.batch_size": 16,
+                 "train.eval_batch_size": 32, "train.learning_rate": 0.01, "checkpoint.async_save": False,
+                 **run["flags"]}
+    for split, n, seed in (("train", 160, 0), ("validation", 32, 1), ("test", 32, 2)):
+        write_split(data_dir / f"{split}.csv", run["labels"], n, seed)
+        overrides[f"data.{split}_file"] = data_dir / f"{split}.csv"
+    return [f"--config={run['config']}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+# One tiny run per model type that the inference, predict and serving tests use; a new model
+# type is one more entry (its config file and the overrides that make it small).
+TINY_RUNS = {
+    "lstm": {"config": "configs/lstm.py", "type": "lstm", "labels": ["neg", "pos"],
+             "flags": {"model.embed_dim": 16, "model.hidden_sizes": "16,", "train.loss": "sigmoid"}},
+    "gru": {"config": "configs/lstm.py", "type": "gru", "labels": ["negative", "neutral", "positive"],
+            "flags": {"model.name": "gru", "model.embed_dim": 16, "model.hidden_sizes": "16,"}},
+    "transformer": {"config": "configs/transformer.py", "type": "transformer", "labels": ["neg", "pos"],
+                    "flags": {"model.embed_dim": 16, "model.num_layers": 1, "model.num_heads": 2,
+                              "model.mlp_dim": 32}},
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Each of TINY_RUNS trained with the real command line, once for all pytest-xdist workers."""
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, shared by its workers
+    root = root / "tiny_runs"
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").is_file():
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+            procs = {}
+            for name, run in TINY_RUNS.items():
+                (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "sentiment_jax.main", f"--workdir={root / name}",
+                       *tiny_flags(root / f"{name}_data", run)]
+                procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE, text=True)
+            for name, proc in procs.items():  # in parallel
+                _, stderr = proc.communicate(timeout=600)
+                assert proc.returncode == 0, f"training {name} failed:\n{stderr[-3000:]}"
+            (root / "done").touch()
+    return {name: root / name for name in TINY_RUNS}
+
+
+@pytest.fixture(scope="session")
+def predictors(trained_runs):
+    """The tiny runs loaded for inference in this process; name -> inference.Predictor."""
+    from sentiment_jax import inference
+
+    return {name: inference.load(workdir, name=name, batch_sizes=(8, 16)) for name, workdir in trained_runs.items()}
