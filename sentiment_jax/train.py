@@ -64,9 +64,11 @@ def probabilities(logits: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def per_example_loss(logits: jax.Array, labels: jax.Array, confidence_penalty: float = 0.0) -> jax.Array:
+    """Softmax CE or sigmoid BCE; with a penalty λ, BCE - λ·|p - 0.5| (whose mean is bce - λ·mean|p - 0.5|)."""
     if logits.shape[-1] == 1:
-        return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+        bce = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+        return bce - confidence_penalty * jnp.abs(jax.nn.sigmoid(logits[:, 0]) - 0.5)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
@@ -127,6 +129,11 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
     opt_sharding = sharding.state_shardings(jax.eval_shape(tx.init, abstract_params), mesh, cfg.mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     replicated = sharding.replicated(mesh)
+    # tx.init's outputs do not depend on the values of params, so jit would leave them on one
+    # device: moments take their parameter's sharding, counters are replicated.
+    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sharding,
+                                         transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
                                                                replicated))
@@ -158,16 +165,17 @@ def zero_metrics(mesh) -> dict[str, jax.Array]:
     return {k: jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(mesh)) for k in METRIC_KEYS}
 
 
-def make_train_step(setup: Setup):
+def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
     graphdef, tx = setup.graphdef, setup.tx
 
     def train_step(state: TrainState, batch: dict, sums: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.rest)
+            # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
             logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
-            losses = per_example_loss(logits, batch["label"]) * batch["weight"]
+            losses = per_example_loss(logits, batch["label"], confidence_penalty) * batch["weight"]
             loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (logits, losses, rest)
@@ -219,7 +227,15 @@ LABELS_FILE = "labels.json"
 
 
 def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
-    """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded)."""
+    """Loads the dataset and the run's tokenizer (fitted on train and saved, or reloaded).
+
+    With `data.inputs = "backbone_features"` the "tokens" are a frozen backbone's cached
+    features and the returned tokenizer only reports their width (see verbalizer.py).
+    """
+    if cfg.data.get("inputs", "tokens") == "backbone_features":
+        from sentiment_jax import verbalizer
+
+        return verbalizer.prepare_data(cfg, workdir)
     dataset = data_lib.load_dataset(cfg.data)
     if fit_tokenizer and not (workdir / tokenization.TOKENIZER_FILE).is_file():
         if jax.process_index() == 0:
@@ -281,6 +297,7 @@ def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, d
 
 CHOICES = {
     "data.name": lambda: sorted(data_lib.SOURCES),
+    "data.inputs": lambda: ["tokens", "backbone_features"],
     "data.padding": lambda: ["pre", "post"],
     "data.truncation": lambda: ["pre", "post"],
     "data.tokenizer.kind": lambda: ["word", "huggingface"],
@@ -340,7 +357,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
 
-    train_step = make_train_step(setup)
+    train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0))
     predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
     step = int(state.step)
     writer.write(step, counts, kind="params")
@@ -414,15 +431,16 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
     """Eval-only: restores the params of one checkpoint on the current devices and reports a split."""
     check_config(cfg)
     workdir = pathlib.Path(workdir)
+    tokenizer = None
     if mngr is None and not (workdir / "checkpoints").is_dir():
         raise checkpoints.CheckpointError(f"no checkpoints in {workdir}; train first or fix --workdir")
     if encoded is None:
-        dataset, _, encoded = prepare_data(cfg, workdir, fit_tokenizer=False)
+        dataset, tokenizer, encoded = prepare_data(cfg, workdir, fit_tokenizer=False)
     if split not in encoded:
         raise ValueError(f"unknown split '{split}'; choose one of {sorted(encoded)}")
     if state is None:
         mesh = sharding.make_mesh(cfg.mesh)
-        vocab = tokenization.load(workdir).vocab_size
+        vocab = (tokenizer or tokenization.load(workdir)).vocab_size
         state, setup = create_state(cfg, mesh, vocab, dataset.num_classes, total_steps=1)
     own_manager = mngr is None
     if own_manager:

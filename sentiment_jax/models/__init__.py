@@ -1,7 +1,10 @@
 """Model registry: `config.model.name` -> a builder taking (model config, vocab size, outputs, rngs).
 
 Every model is an `nnx.Module` called as `model(ids, mask, deterministic=..., rngs=...)`
-and returning float32 logits [B, num_outputs].
+and returning float32 logits [B, num_outputs]. Models that attend (the transformer, or a
+recurrent model with pooling 'attention') also offer `attention_weights(ids, mask)` for display.
+Models on frozen-backbone features (`config.data.inputs = "backbone_features"`, see
+verbalizer.py) get the feature width as `vocab_size` and the features as `ids`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from sentiment_jax.models import recurrent, transformer
+from sentiment_jax.models import heads, recurrent, transformer
 
 # Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
 nnx.use_eager_sharding(False)
@@ -42,7 +45,12 @@ def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
         rngs=rngs)
 
 
+def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    return heads.FeatureMLP(vocab_size, tuple(cfg.head_sizes), num_outputs, dropout=cfg.dropout, rngs=rngs)
+
+
 MODELS: dict[str, Callable] = {
+    "feature_mlp": _feature_mlp,
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
     "rnn": _recurrent("rnn"),

@@ -2,9 +2,9 @@
 
 Padding can never change a prediction: padded keys get attention weight exactly 0, and
 positions count real tokens only (a cumulative sum of the mask), so a pre-padded text
-gets the same positions as a post-padded or unpadded one. Each block returns its
-attention weights; `__call__` drops them (XLA then never computes them twice) and
-`attention_weights` returns them for display.
+gets the same positions as a post-padded or unpadded one. Each block returns the
+attention weights it computed anyway; `__call__` drops them and `attention_weights`
+returns them for display.
 """
 
 from __future__ import annotations

