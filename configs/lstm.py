@@ -2,6 +2,7 @@
 
   python -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm          # IMDB
   python -m sentiment_jax.main --config=configs/lstm.py:nusax --workdir=runs/nusax   # NusaX-Senti
+  python -m sentiment_jax.main --config=configs/lstm.py:imdb,fsdp --workdir=runs/fsdp # a mesh layout
 """
 
 from sentiment_jax.config_base import base_config, variant_data

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -43,6 +44,28 @@ def save(mngr: ocp.CheckpointManager, step: int, model, train, meta: dict,
     mngr.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+
+def data_position(global_batch_size: int) -> dict:
+    """Meta fields that make the saved iterator position (step, epoch, batch_index) global.
+
+    Every process derives its rows from the same global batch order, so the position is
+    one number for all of them; the process count is recorded to explain a changed topology.
+    """
+    return {"global_batch_size": global_batch_size, "process_count": jax.process_count()}
+
+
+def check_data_position(meta: dict, global_batch_size: int) -> None:
+    """A resume must replay the same global batches; the process count may change."""
+    saved = meta.get("global_batch_size", global_batch_size)
+    if saved != global_batch_size:
+        raise CheckpointError(
+            f"the checkpoint was trained with global batch size {saved}, this run has {global_batch_size}; "
+            f"resume with --config.train.batch_size={saved} (it is global, not per process) or use a new workdir")
+    count = meta.get("process_count", 1)
+    if count != jax.process_count():
+        logging.warning("resuming a run saved by %d processes on %d: each process takes its rows of the "
+                        "same global batches, so the data order is unchanged", count, jax.process_count())
 
 
 def resolve_step(mngr: ocp.CheckpointManager, which: str | int) -> int:

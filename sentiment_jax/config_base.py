@@ -8,6 +8,19 @@ import ml_collections
 from ml_collections import config_dict
 
 
+# mesh.shape over ("data", "fsdp", "model"): pure data parallel, fully sharded data parallel
+# (parameters and optimizer state split, batch still split over every device) and tensor
+# parallel (gate/MLP columns split, batch replicated). Mix them with an explicit shape, e.g. 2,2,2.
+LAYOUTS = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "tp": (1, 1, -1)}
+
+
+def set_layout(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout '{name}'; choose one of {sorted(LAYOUTS)}")
+    c.mesh.shape, c.mesh.layout = LAYOUTS[name], name
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -96,16 +109,19 @@ def base_config() -> ml_collections.ConfigDict:
     ck.async_save = True
 
     c.mesh = ms = ml_collections.ConfigDict()
-    ms.axes = ("data",)
-    ms.shape = (-1,)  # -1 takes all remaining devices
+    # Three named axes; a size-1 axis costs nothing, so a layout is just a shape (LAYOUTS).
+    ms.axes = ("data", "fsdp", "model")
+    ms.shape = LAYOUTS["dp"]  # one -1 takes all remaining devices
     ms.num_devices = 0  # >0: use only the first N devices
-    ms.data_axes = ("data",)  # the batch dimension is split over these
-    # Logical parameter axis -> mesh axis (None = replicated).
+    ms.data_axes = ("data", "fsdp")  # the batch dimension is split over these
+    # Logical axis -> mesh axis (None = replicated); the first free match wins, so "embed"
+    # goes to fsdp where it can and to model in the embedding table (whose vocab took fsdp).
     ms.logical_axis_rules = (
-        ("vocab", None), ("embed", None), ("hidden", None), ("gates", None),
-        ("features", None), ("mlp", None), ("classes", None),
-        ("heads", None), ("kv", None), ("pos", None),
+        ("vocab", "fsdp"), ("embed", "fsdp"), ("embed", "model"), ("hidden", "fsdp"),
+        ("gates", "model"), ("features", "fsdp"), ("mlp", "model"), ("heads", "model"),
+        ("kv", None), ("pos", None), ("classes", None),
     )
+    ms.layout = ""  # set by set_layout; informational
 
     c.eval = e = ml_collections.ConfigDict()
     e.split = "test"
@@ -114,11 +130,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def variant_data(c: ml_collections.ConfigDict, variant: str, config_file: str) -> ml_collections.ConfigDict:
-    """The dataset half of a config variant, shared by the model configs: `imdb` or `nusax`.
+    """The dataset half of a config variant, shared by the model configs: `imdb` or `nusax`,
+    optionally with a mesh layout from LAYOUTS: `imdb,fsdp`, `nusax,tp` (or just `fsdp`).
 
     `nusax` is NusaX-Senti (3 classes, 500 short training texts; pick one of its 12
     languages with --config.data.language), selecting checkpoints by validation macro-F1.
     """
+    variant, *layouts = variant.split(",")  # e.g. "imdb,fsdp"; a bare layout name means imdb
+    if variant in LAYOUTS:
+        variant, layouts = "imdb", [variant]
+    for name in layouts:
+        set_layout(c, name)
     if variant == "imdb":
         c.data.name = "imdb"
     elif variant == "nusax":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -54,7 +55,7 @@ def encode_splits(dataset: data_lib.Dataset, tokenizer, cfg, workdir: pathlib.Pa
                     for s in dataset.splits}
     encoded = {s: encode(split, tokenizer, cfg) for s, split in dataset.splits.items()}
     arrays = {f"{s}/{k}": getattr(e, k) for s, e in encoded.items() for k in ("ids", "lengths", "labels")}
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # processes sharing a workdir write alike
     np.savez(tmp, **arrays)
     tmp.rename(cache)
     return encoded

@@ -23,6 +23,10 @@ flags.DEFINE_string("input", None, "predict: .csv, .jsonl or one-text-per-line f
                     "(default: the texts given as arguments, else stdin).")
 flags.DEFINE_string("text_field", "text", "predict: the CSV column or JSON key holding the text.")
 flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (for testing sharding).")
+# Multi-process runs; on TPU VMs and under SLURM these are detected and need not be given.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 10.0.0.2:8476.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (one per host, or per GPU).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
 
 
 def main(argv):
@@ -32,10 +36,13 @@ def main(argv):
 
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from sentiment_jax import checkpoints, data, predict, train
+    from sentiment_jax import checkpoints, data, distributed, predict, train
 
     workdir = pathlib.Path(FLAGS.workdir)
     try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if jax.process_count() > 1:
+            logging.warning("%s", distributed.describe())
         cfg = FLAGS.config if FLAGS.config is not None else train.load_config(workdir)
         if FLAGS.mode == "train":
             if FLAGS.config is None:

@@ -2,11 +2,14 @@
 
 Parameters are annotated with logical axis names where they are created (e.g. an
 embedding is ("vocab", "embed")); `config.mesh.logical_axis_rules` maps those names to
-mesh axes. Data parallel, FSDP or tensor parallel are then different rules, not code.
+mesh axes. Data parallel, FSDP or tensor parallel are then different rules or mesh
+shapes, not code (see `config_base.LAYOUTS`). Activations use the same names plus
+"batch", which always maps to `config.mesh.data_axes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -41,8 +44,9 @@ def make_mesh(cfg) -> Mesh:
 
 
 def rules(cfg) -> tuple[tuple[str, object], ...]:
-    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                 for name, axes in cfg.logical_axis_rules)
+    """The config's rules, led by "batch" -> the data-parallel axes."""
+    return (("batch", tuple(cfg.data_axes)),) + tuple(
+        (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in cfg.logical_axis_rules)
 
 
 def logical_to_sharding(logical: P, mesh: Mesh, cfg) -> NamedSharding:
@@ -50,10 +54,52 @@ def logical_to_sharding(logical: P, mesh: Mesh, cfg) -> NamedSharding:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, cfg):
-    """NamedShardings for an nnx.State (or its abstract version), from the logical annotations."""
+    """NamedShardings for an nnx.State (or its abstract version), from the logical annotations.
+
+    A dimension that the mapped mesh axes do not divide (e.g. a vocabulary of 20,003 rows
+    over 8 devices) stays replicated rather than failing.
+    """
     specs = nnx.get_partition_spec(state)
-    return jax.tree.map(lambda p: logical_to_sharding(p, mesh, cfg), specs,
+    return jax.tree.map(lambda p, x: fit(logical_to_sharding(p, mesh, cfg), x.shape), specs, state,
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """Drops the mesh axes of any dimension whose size they do not divide."""
+    sizes = sharding.mesh.shape
+    spec = []
+    for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        spec.append(axes if dim % math.prod(sizes[a] for a in names) == 0 else None)
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+_ACTIVE: list = []  # (mesh, config) while a step function is traced
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, cfg):
+    """Makes `constrain` active while tracing a step function for `mesh` (cfg None: inactive)."""
+    if cfg is None:
+        yield
+        return
+    _ACTIVE.append((mesh, cfg))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, logical: tuple) -> jax.Array:
+    """Pins an activation's layout by logical names, e.g. ("batch", "length", "embed").
+
+    Without it the compiler may keep, say, an FSDP-sharded embedding's layout for the
+    looked-up activations. A no-op outside `activation_rules` (plain eager or unsharded use).
+    """
+    if not _ACTIVE:
+        return x
+    mesh, cfg = _ACTIVE[-1]
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(P(*logical), mesh, cfg))
 
 
 def batch_sharding(mesh: Mesh, cfg) -> NamedSharding:

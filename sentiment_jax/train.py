@@ -108,6 +108,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     state_sharding: Any
     batch_sharding: jax.sharding.NamedSharding
+    mesh_config: Any = None  # for activation constraints (sharding.constrain)
 
 
 def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int) -> tuple[TrainState, Setup]:
@@ -138,7 +139,7 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
                                                                replicated))
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh))
+    return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh), cfg.mesh)
 
 
 def model_item(state: TrainState) -> dict:
@@ -174,7 +175,8 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
         def loss_fn(params):
             # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
             model = nnx.merge(graphdef, params, state.rest, copy=True)
-            logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
+            with sharding.activation_rules(setup.mesh, setup.mesh_config):
+                logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
             losses = per_example_loss(logits, batch["label"], confidence_penalty) * batch["weight"]
             loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
             _, _, rest = nnx.split(model, nnx.Param, ...)
@@ -198,7 +200,8 @@ def make_predict_step(setup: Setup, param_sharding, rest_sharding):
     graphdef = setup.graphdef
 
     def predict(params, rest, ids, mask):
-        return probabilities(nnx.merge(graphdef, params, rest)(ids, mask, deterministic=True))
+        with sharding.activation_rules(setup.mesh, setup.mesh_config):
+            return probabilities(nnx.merge(graphdef, params, rest)(ids, mask, deterministic=True))
 
     return jax.jit(predict, in_shardings=(param_sharding, rest_sharding, setup.batch_sharding,
                                           setup.batch_sharding),
@@ -237,8 +240,8 @@ def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
 
         return verbalizer.prepare_data(cfg, workdir)
     dataset = data_lib.load_dataset(cfg.data)
-    if fit_tokenizer and not (workdir / tokenization.TOKENIZER_FILE).is_file():
-        if jax.process_index() == 0:
+    if fit_tokenizer:  # every process syncs: whether the file exists yet may differ between them
+        if jax.process_index() == 0 and not (workdir / tokenization.TOKENIZER_FILE).is_file():
             tokenization.build(cfg.data.tokenizer, dataset.splits["train"].texts).save(workdir)
         sync("tokenizer")
     tokenizer = tokenization.load(workdir)
@@ -353,6 +356,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         state = TrainState(params=restored["model"]["params"], rest=restored["model"]["rest"],
                            **restored["train"])
         meta = restored["meta"]
+        checkpoints.check_data_position(meta, cfg.train.batch_size)
         logging.info("resumed from step %d", step)
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
@@ -365,6 +369,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     def checkpoint(step, epoch, index, sums, seconds, val=None):
         checkpoints.save(mngr, step, model_item(state), train_item(state),
                          {"epoch": epoch, "batch_index": index, "epoch_seconds": seconds,
+                          **checkpoints.data_position(cfg.train.batch_size),
                           "epoch_sums": {k: float(v) for k, v in jax.device_get(sums).items()}},
                          metrics=val)
 

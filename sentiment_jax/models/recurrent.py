@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sentiment_jax import sharding
 from sentiment_jax.models.pooling import AttentionPool, masked_pool
 
 Carry = tuple[jax.Array, ...]
@@ -189,23 +190,25 @@ class RecurrentClassifier(nnx.Module):
         width *= 2 if pooling == "mean_max" else 1
         head = []
         for size in head_sizes:
-            head.append(nnx.Linear(width, size, rngs=rngs, kernel_init=nnx.with_partitioning(
+            head.append(nnx.Linear(width, size, dtype=dtype, rngs=rngs, kernel_init=nnx.with_partitioning(
                 nnx.initializers.lecun_normal(), ("features", "mlp"))))
             width = size
         self.head = nnx.List(head)
-        self.out = nnx.Linear(width, num_outputs, rngs=rngs, kernel_init=nnx.with_partitioning(
+        self.out = nnx.Linear(width, num_outputs, dtype=dtype, rngs=rngs, kernel_init=nnx.with_partitioning(
             nnx.initializers.lecun_normal(), ("features", "classes")))
 
     def encode(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
         """The last layer's (final state [B, D], outputs [B, T, D])."""
-        x = self.embed(ids).astype(self.dtype)
+        # Batch-sharded from here on, whatever layout the embedding table has (e.g. FSDP rows).
+        x = sharding.constrain(self.embed(ids).astype(self.dtype), ("batch", None, None))
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         final = None
         for i, layer in enumerate(self.layers):
             if i:
                 x = self.dropout(x, deterministic=deterministic, rngs=rngs)
             final, x = layer(x, mask)
+            x = sharding.constrain(x, ("batch", None, None))
         return final, x
 
     def features(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
