@@ -22,11 +22,13 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "fastapi==0.165.0",  # the HTTP API (sentiment_jax/serve.py)
     "uvicorn==0.54.0",
+    "matplotlib==3.11.2",  # figures (sentiment_jax/plots.py, interpret.py)
 ]
 
 EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-learn==1.9.1", "httpx==0.28.1",
-             "hypothesis==6.170.15", "filelock==4.2.12"],
+             "hypothesis==6.170.15", "filelock==4.2.12", "nbformat==5.11.1", "nbclient==0.11.0",
+             "ipykernel==7.4.0"],
     # Reference implementations for the encoder parity tests (tests skip without them); never at runtime.
     "parity": ["torch==2.13.0"],
 }

@@ -291,7 +291,11 @@ def load_labels(workdir: pathlib.Path) -> tuple[str, ...]:
 
 def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, desc=None) -> dict:
     probs = predict_probabilities(predict_step, params, rest, make_batches(cfg, split, train=False), setup, desc)
-    return metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
+    report = metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
+    # Cross-entropy of the true class; for either loss this is the training loss on this split.
+    true_probs = probs[np.arange(len(split.labels)), split.labels]
+    report["loss"] = float(-np.mean(np.log(np.maximum(true_probs, np.finfo(np.float32).tiny))))
+    return report
 
 
 CHOICES = {
@@ -404,8 +408,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         val = evaluate_split(cfg, setup, predict_step, state.params, state.rest, encoded["validation"],
                              dataset.label_names)
         scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"],
-                   "val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"], "epoch_seconds": seconds,
-                   "train/examples_per_s": host["count"] / seconds}
+                   "val/loss": val["loss"], "val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"],
+                   "epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds}
         writer.write(step, scalars, kind="epoch", epoch=epoch + 1)
         if is_main:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)

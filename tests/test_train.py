@@ -9,51 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from sentiment_jax import checkpoints, config_base, input_pipeline, train
+from helpers import tiny_config, write_dataset
+from sentiment_jax import checkpoints, input_pipeline, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-POSITIVE = "great superb lovely fine wonderful moving".split()
-NEGATIVE = "awful boring dull poor terrible weak".split()
-NEUTRAL = "the a film movie plot actor scene it was".split()
-
-
-def write_dataset(folder: pathlib.Path, n_train=160, n_test=64, seed=0) -> dict:
-    """A small learnable sentiment CSV: sentiment words among neutral filler, varied lengths."""
-    rng = np.random.default_rng(seed)
-    files = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rows = ["text,label"]
-        for i in range(n):
-            label = i % 2
-            words = list(rng.choice(NEUTRAL, size=rng.integers(2, 12)))
-            words.insert(rng.integers(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-            rows.append(f"{' '.join(words)},{'pos' if label else 'neg'}")
-        files[split] = folder / f"{split}.csv"
-        files[split].write_text("\n".join(rows) + "\n")
-    return files
-
-
-def tiny_config(files, **overrides):
-    cfg = config_base.base_config()
-    cfg.data.name = "csv"
-    cfg.data.train_file, cfg.data.test_file = str(files["train"]), str(files["test"])
-    cfg.data.validation_fraction = 0.2
-    cfg.data.max_length = 16
-    cfg.data.tokenizer.vocab_size = 64
-    cfg.model.embed_dim, cfg.model.hidden_sizes = 8, (8,)
-    cfg.model.pooling, cfg.model.dropout = "mean", 0.1
-    cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.epochs = 16, 32, 4
-    cfg.train.learning_rate, cfg.train.log_every = 3e-2, 1
-    cfg.checkpoint.async_save = False
-    for key, value in overrides.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for k in path:
-            node = node[k]
-        node[leaf] = value
-    return cfg
-
-
 def step_losses(workdir):
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [(l["step"], l["train/running_loss"]) for l in lines if "train/running_loss" in l]

@@ -1,0 +1,174 @@
+"""Figures from run folders: training curves (runs overlaid), confusion matrices, F1 bars.
+
+Everything is read back from the files a run writes (`metrics.jsonl`, `result.json`), so
+figures can be redrawn at any time without the models.
+
+  python -m sentiment_jax.plots runs/lstm                       # one run
+  python -m sentiment_jax.plots runs/compare_quick              # a sweep (has summary.json)
+  python -m sentiment_jax.plots runs/lstm runs/transformer --out=runs/lstm_vs_transformer
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sentiment_jax import runs  # noqa: E402
+
+
+def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -> pathlib.Path:
+    """Loss and accuracy per epoch, train solid and validation dashed; one colour per name.
+
+    `folders` maps a label to its runs (several seeds share a colour and a legend entry).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, paths) in enumerate(folders.items()):
+        color = colors[i % len(colors)]
+        for j, path in enumerate(paths):
+            epochs = runs.read_metrics(path, "epoch")
+            x = [e["epoch"] for e in epochs]
+            for ax, metric in zip(axes, ("loss", "accuracy")):
+                ax.plot(x, [e[f"train/{metric}"] for e in epochs], "-o", color=color, ms=3,
+                        label=f"{label} train" if j == 0 else None)
+                if epochs and f"val/{metric}" in epochs[0]:
+                    ax.plot(x, [e[f"val/{metric}"] for e in epochs], "--s", color=color, ms=3,
+                            label=f"{label} val" if j == 0 else None)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per epoch (train solid, validation dashed)", fontsize=10)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def confusion_matrix(result: dict, out: pathlib.Path, title: str = "") -> pathlib.Path:
+    """Rows true class, columns predicted; colour is the row fraction, text the count."""
+    names = list(result["per_class"])
+    counts = np.asarray(result["confusion_matrix"])
+    fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 1.2 + 0.9 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, f"{n}\n{fractions[i, j]:.1%}", ha="center", va="center", fontsize=9,
+                color="white" if fractions[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"test accuracy {result['accuracy']:.2%}", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:
+    """Per-class and macro F1 on test for each name; with several seeds, the mean and a std bar."""
+    names = list(results)
+    classes = list(next(iter(results.values()))[0]["per_class"]) if names else []
+    series = [*classes, "macro"]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) * len(series) / 2 + 2), 4))
+    for k, s in enumerate(series):
+        values = [[r["macro_f1"] if s == "macro" else r["per_class"][s]["f1"] for r in results[n]]
+                  for n in names]
+        means = [np.mean(v) for v in values]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+        x = np.arange(len(names)) + (k - (len(series) - 1) / 2) * width
+        bars = ax.bar(x, means, width, yerr=stds, capsize=3, label=s, hatch="//" if s == "macro" else None,
+                      edgecolor="black" if s == "macro" else None)
+        if s == "macro":
+            ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, ha="right"
+                  if len(names) > 4 else "center")
+    ax.set_ylabel("test F1")
+    ax.set_ylim(0, 1.08)
+    ax.set_title("test F1 per class and macro-F1 (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: pathlib.Path) -> pathlib.Path:
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def run_figures(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """curves.png, and once the run has finished confusion.png and f1.png, in the run folder."""
+    folder = pathlib.Path(folder)
+    if not (folder / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{folder / 'metrics.jsonl'} not found; is {folder} a run folder?")
+    written = [training_curves({folder.name: [folder]}, folder / "curves.png")]
+    result = runs.read_result(folder)
+    if result is not None:
+        written.append(confusion_matrix(result, folder / "confusion.png", title=f"{folder.name}: test accuracy "
+                                                                                f"{result['accuracy']:.2%}"))
+        written.append(f1_bars({folder.name: [result]}, folder / "f1.png"))
+    return written
+
+
+def sweep_figures(workdir: str | pathlib.Path, summary: dict | None = None) -> list[pathlib.Path]:
+    """curves.png and f1.png over all configurations, and confusion.png in each finished run."""
+    workdir = pathlib.Path(workdir)
+    summary = summary or json.loads((workdir / "summary.json").read_text())
+    done = [r for r in summary["runs"] if r["status"] == "done"]
+    if not done:
+        return []
+    by_name: dict[str, list[pathlib.Path]] = {}
+    for r in done:
+        by_name.setdefault(r["name"], []).append(workdir / r["folder"])
+    written = [training_curves(by_name, workdir / "curves.png"),
+               f1_bars({n: [runs.read_result(p) for p in ps] for n, ps in by_name.items()}, workdir / "f1.png")]
+    for r in done:
+        folder = workdir / r["folder"]
+        written.append(confusion_matrix(runs.read_result(folder), folder / "confusion.png",
+                                        title=f"{r['folder']}: test accuracy {r['test_accuracy']:.2%}"))
+    return written
+
+
+def main(argv: list[str]) -> None:
+    folders = [pathlib.Path(a) for a in argv if not a.startswith("--")]
+    out = next((pathlib.Path(a.split("=", 1)[1]) for a in argv if a.startswith("--out=")), None)
+    if not folders:
+        print("usage: python -m sentiment_jax.plots RUN_OR_SWEEP_DIR [MORE_RUN_DIRS --out=DIR]", file=sys.stderr)
+        sys.exit(2)
+    try:
+        if len(folders) > 1:  # several runs side by side
+            missing = [f for f in folders if not (f / "metrics.jsonl").is_file()]
+            if missing:
+                raise FileNotFoundError(f"{missing[0] / 'metrics.jsonl'} not found; is it a run folder?")
+            out = out or folders[0].parent / "comparison"
+            named = {f.name: [f] for f in folders}
+            written = [training_curves(named, out / "curves.png")]
+            results = {f.name: [runs.read_result(f)] for f in folders if runs.read_result(f) is not None}
+            if results:
+                written.append(f1_bars(results, out / "f1.png"))
+        elif (folders[0] / "summary.json").is_file():
+            written = sweep_figures(folders[0])
+        else:
+            written = run_figures(folders[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(str(w) for w in written))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,207 @@
+"""Sweeps, figures, the NumPy reference and saliency, on one tiny sweep trained once per module."""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import tiny_data, write_dataset
+from sentiment_jax import config_base, interpret, models, numpy_reference, runs, sweep, tokenization, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY_MODEL = {"model.embed_dim": 8, "model.hidden_sizes": (8,), "model.pooling": "mean", "train.epochs": 2,
+              "mesh.num_devices": 1}
+
+
+def write_sweep(folder: pathlib.Path, spec: dict) -> str:
+    file = folder / "tiny_sweep.py"
+    file.write_text(f"import json\n\n\ndef get_sweep():\n    return json.loads({json.dumps(json.dumps(spec))})\n")
+    return str(file)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """Two seeds of a tiny LSTM that train, and one variant whose data file is missing."""
+    folder = tmp_path_factory.mktemp("sweep")
+    files = write_dataset(folder)
+    spec = {"config": "configs/lstm.py", "set": {**tiny_data(files), **TINY_MODEL},
+            "variants": [{"name": "lstm"},
+                         {"name": "broken", "set": {"data.train_file": str(folder / "missing.csv")}}],
+            "seeds": [0, 1]}
+    spec_file = write_sweep(folder, spec)
+    summary = sweep.run_sweep(spec_file, folder / "runs")
+    return spec_file, folder / "runs", summary
+
+
+def test_grid_expands_with_names_and_bad_fields_are_one_line():
+    spec = {"config": "configs/lstm.py", "grid": {"model.hidden_sizes": [(64,), (64, 32)],
+                                                  "model.bidirectional": [False, True]}, "seeds": [0, 1]}
+    expanded = sweep.expand(spec)
+    assert len(expanded) == 8
+    assert expanded[-1].folder == "hidden_sizes=64-32_bidirectional=True/seed_1"
+    assert tuple(expanded[-1].cfg.model.hidden_sizes) == (64, 32) and expanded[-1].cfg.seed == 1
+    with pytest.raises(sweep.SweepError, match="unknown config field 'model.hiden' in sweep"):
+        sweep.expand({**spec, "grid": {"model.hiden": [1]}})
+    with pytest.raises(sweep.SweepError, match=r"train.epochs='two' in sweep .*expected a int"):
+        sweep.expand({**spec, "set": {"train.epochs": "two"}})
+    with pytest.raises(sweep.SweepError, match=r"unknown key\(s\) \['grids'\]"):
+        sweep.expand({"config": "configs/lstm.py", "grids": {}})
+
+
+def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatch):
+    spec_file, workdir, summary = tiny_sweep
+    done = {r["folder"]: r for r in summary["runs"] if r["status"] == "done"}
+    assert sorted(done) == ["lstm/seed_0", "lstm/seed_1"]
+    for row in done.values():
+        result = runs.read_result(workdir / row["folder"])
+        assert row["test_accuracy"] == result["accuracy"] and row["trainable_params"] == result["trainable_params"]
+        assert row["train_seconds"] > 0 and row["examples_per_s"] > 0
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
+    assert len(failed) == 2 and all("missing.csv" in r["error"] for r in failed)
+    lstm = next(g for g in summary["configurations"] if g["name"] == "lstm")
+    accs = [done[f"lstm/seed_{s}"]["test_accuracy"] for s in (0, 1)]
+    assert lstm["best"] and lstm["test_accuracy"] == pytest.approx(np.mean(accs))
+    assert lstm["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+    table = (workdir / "summary.md").read_text()
+    assert "**lstm** (best)" in table and "0/2 (see failures)" in table and "broken/seed_0" in table
+    assert len(list(csv.DictReader((workdir / "summary.csv").open()))) == 4
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    for png in ("curves.png", "f1.png", "lstm/seed_0/confusion.png", "lstm/seed_1/confusion.png"):
+        assert (workdir / png).stat().st_size > 5000, png
+    # Run again: finished runs are skipped, only the failed ones are retried.
+    trained = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda cfg, folder: trained.append(folder) or 1 / 0)
+    again = sweep.run_sweep(spec_file, workdir, plots=False)
+    assert sorted(p.relative_to(workdir).as_posix() for p in trained) == ["broken/seed_0", "broken/seed_1"]
+    assert [r["status"] for r in again["runs"]] == [r["status"] for r in summary["runs"]]
+    # Changing the sweep under existing runs is reported, never silently mixed with old results.
+    spec = sweep.load_python_file(spec_file, "get_sweep")
+    changed = sweep.expand({**spec, "set": {**spec["set"], "train.epochs": 3}})
+    sweep.run_all(changed, workdir)
+    assert not trained[2:]
+    assert {r["error"] for r in sweep.summarize(changed, workdir)["runs"]} == {sweep.OTHER_CONFIG}
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "lstm", "hidden_sizes": (6, 5), "bidirectional": True, "pooling": "mean_max", "head_sizes": (7,)},
+    {"name": "gru", "hidden_sizes": (6,), "bidirectional": False, "pooling": "last", "head_sizes": ()},
+    {"name": "rnn", "hidden_sizes": (5, 4), "bidirectional": (True, False), "pooling": "max", "head_sizes": ()},
+    {"name": "lstm", "hidden_sizes": (5,), "bidirectional": True, "pooling": "attention", "head_sizes": ()},
+])
+def test_numpy_forward_equals_flax_on_a_ragged_batch(model):
+    cfg = ml_collections.ConfigDict({**config_base.base_config().model.to_dict(), "embed_dim": 6, **model})
+    flax_model = models.build_model(cfg, vocab_size=30, num_outputs=3, rngs=nnx.Rngs(params=3))
+    rng = np.random.default_rng(0)
+    lengths, width = np.array([9, 1, 4, 0, 7]), 9
+    positions = np.arange(width)[None]
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(flax_model, nnx.Param)))
+    call = nnx.jit(lambda m, i, k: m(i, k))
+    for mask in (positions >= width - lengths[:, None], positions < lengths[:, None]):  # pre, post padding
+        ids = np.where(mask, rng.integers(2, 30, mask.shape), 0)
+        expected = np.asarray(call(flax_model, jnp.asarray(ids), jnp.asarray(mask)))
+        np.testing.assert_allclose(numpy_reference.forward(params, cfg, ids, mask), expected, atol=1e-5)
+
+
+def test_numpy_reference_agrees_with_a_trained_checkpoint(tiny_sweep):
+    report = numpy_reference.compare(tiny_sweep[1] / "lstm/seed_0", split="test")
+    assert report["num_examples"] == 64 and report["agreement"] == 1.0
+    assert report["max_probability_difference"] < 1e-5
+    assert report["flax_accuracy"] == runs.read_result(tiny_sweep[1] / "lstm/seed_0")["accuracy"]
+
+
+def fake_run(model_fields: dict, words: list[str]) -> runs.Restored:
+    """An untrained model with a word tokenizer, standing in for a restored run."""
+    cfg = config_base.base_config()
+    cfg.model.update({"embed_dim": 8, **model_fields})
+    tokenizer = tokenization.WordTokenizer(words)
+    model = models.build_model(cfg.model, tokenizer.vocab_size, 2, nnx.Rngs(params=0))
+    return runs.Restored(cfg, tokenizer, model, ["neg", "pos"], 0, None, None)
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "lstm", "hidden_sizes": (8,), "pooling": "mean"},
+    {"name": "lstm", "hidden_sizes": (8,), "pooling": "attention"},
+    {"name": "transformer", "num_layers": 2, "num_heads": 2, "mlp_dim": 16, "pooling": "cls",
+     "max_positions": 32},
+    {"name": "transformer", "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "pooling": "mean",
+     "max_positions": 32},
+])
+def test_saliency_equals_the_gradient_through_the_embedding_table(model, tmp_path):
+    text = "the plot was superb and a fine film"  # distinct words: one table row per position
+    run = fake_run(model, text.split())
+    explanation = interpret.explain(run, text)
+    assert explanation["words"] == text.split()
+    # Independent route: differentiate with respect to the embedding table itself.
+    words, ids = interpret.tokens(run, text)
+    ids, mask = jnp.asarray(ids[None]), jnp.ones((1, len(words)), bool)
+    graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+
+    def log_prob(p):
+        logits = nnx.merge(graphdef, p, rest)(ids, mask)
+        return jnp.log(train.probabilities(logits)[0, explanation["predicted"]])
+
+    table_grad = jax.jit(jax.grad(log_prob))(params)["embed"]["embedding"][...][ids[0]]
+    table = run.model.embed.embedding[...][ids[0]]
+    np.testing.assert_allclose(explanation["saliency"], np.sum(table_grad * table, -1), rtol=1e-4, atol=1e-7)
+    n = len(words)
+    if model["pooling"] == "attention":
+        np.testing.assert_allclose(explanation["attention_pooling"],
+                                   np.asarray(run.model.attention_weights(ids, mask))[0], rtol=1e-6)
+        assert explanation["attention_pooling"].sum() == pytest.approx(1.0, abs=1e-5)
+    if model["name"] == "transformer":
+        assert [m.shape for m in explanation["attention_maps"]] == [(2, n, n)] * model["num_layers"]
+        assert explanation["attention_rollout"].shape == (n,)
+        if model["pooling"] == "mean":  # no CLS: rollout rows over words each sum to 1, and so does their mean
+            assert explanation["attention_rollout"].sum() == pytest.approx(1.0, abs=1e-5)
+        assert interpret.attention_figure(explanation, tmp_path / "maps.png").stat().st_size > 5000
+    assert interpret.figure(explanation, tmp_path / "words.png").stat().st_size > 5000
+
+
+def test_rollout_of_identity_attention_is_identity_and_rows_stay_normalised():
+    rng = np.random.default_rng(0)
+    eye = np.broadcast_to(np.eye(4), (2, 4, 4))
+    np.testing.assert_allclose(interpret.rollout([eye, eye]), np.eye(4))
+    maps = [rng.dirichlet(np.ones(4), size=(2, 4)) for _ in range(3)]
+    np.testing.assert_allclose(interpret.rollout(maps).sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("sentiment_jax.sweep", ["--sweep=configs/sweeps/compare.py:quick", "--set=model.hiden=3"],
+     "unknown config field 'model.hiden'"),
+    ("sentiment_jax.sweep", ["--sweep=configs/sweeps/nope.py"], "configs/sweeps/nope.py: no such file"),
+    ("sentiment_jax.plots", [], "no_such_run/metrics.jsonl not found"),
+    ("sentiment_jax.numpy_reference", [], "no_such_run/config.json not found"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, module, args, message):
+    missing = tmp_path / "no_such_run"
+    where = [str(missing)] if module.endswith("plots") else [f"--workdir={missing}"]
+    out = subprocess.run([sys.executable, "-m", module, *where, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_the_comparison_notebook_runs(tiny_sweep, monkeypatch):
+    """Executes notebooks/compare_models.ipynb on the tiny sweep (its finished runs are picked up)."""
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    spec_file, workdir, _ = tiny_sweep
+    monkeypatch.setenv("SWEEP", spec_file)
+    monkeypatch.setenv("SWEEP_DIR", str(workdir))
+    notebook = nbformat.read(REPO / "notebooks" / "compare_models.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
+    assert "**lstm** (best)" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # curves, F1, 2 confusions, words
+    assert (workdir / "interpret_best.png").is_file()
