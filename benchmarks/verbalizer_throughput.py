@@ -12,7 +12,6 @@ import argparse
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import torch
 import transformers

@@ -11,7 +11,6 @@ import collections
 import json
 import pathlib
 import re
-import shutil
 from typing import Sequence
 
 import numpy as np

@@ -6,7 +6,6 @@ import pathlib
 import tarfile
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
