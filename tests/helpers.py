@@ -1,7 +1,8 @@
-"""Tiny learnable datasets and configs shared by the tests that train (seconds, not minutes)."""
+"""Helpers shared by the tests: tiny learnable datasets and configs, padded id batches."""
 
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 
 from sentiment_jax import config_base
@@ -49,3 +50,12 @@ def tiny_config(files, **overrides):
             node = node[k]
         node[leaf] = value
     return cfg
+
+
+def padded(tokens, width, side, junk):
+    """ids [B, width] holding `junk` ids at padding positions, so only the mask can hide them."""
+    ids, mask = np.full((len(tokens), width), junk, np.int32), np.zeros((len(tokens), width), bool)
+    for i, t in enumerate(tokens):
+        where = slice(width - len(t), width) if side == "pre" else slice(0, len(t))
+        ids[i, where], mask[i, where] = t, True
+    return jnp.asarray(ids), jnp.asarray(mask)

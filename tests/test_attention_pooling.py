@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from sentiment_jax.models import pooling, recurrent
+from helpers import padded as padded_with_junk
 
 
 # One compiled program per shape (eager calls would retrace the scan on every call).
@@ -18,13 +19,8 @@ def make_model(cell="lstm", **kw):
                                          pooling="attention", attention_dim=4, rngs=nnx.Rngs(0), **kw)
 
 
-def padded(tokens, width, side, junk=7):
-    """ids [B, width] holding junk ids at padding positions, so only the mask can hide them."""
-    ids, mask = np.full((len(tokens), width), junk, np.int32), np.zeros((len(tokens), width), bool)
-    for i, t in enumerate(tokens):
-        where = slice(width - len(t), width) if side == "pre" else slice(0, len(t))
-        ids[i, where], mask[i, where] = t, True
-    return jnp.asarray(ids), jnp.asarray(mask)
+def padded(tokens, width, side):
+    return padded_with_junk(tokens, width, side, junk=7)
 
 
 def test_attention_pool_matches_numpy():

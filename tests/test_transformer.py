@@ -3,12 +3,12 @@
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from sentiment_jax.models import transformer
+from helpers import padded as padded_with_junk
 
 
 forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
@@ -20,12 +20,8 @@ def make_model(pooling="mean", positions="sinusoidal", **kw):
                                              rngs=nnx.Rngs(0), **kw)
 
 
-def padded(tokens, width, side, junk=5):
-    ids, mask = np.full((len(tokens), width), junk, np.int32), np.zeros((len(tokens), width), bool)
-    for i, t in enumerate(tokens):
-        where = slice(width - len(t), width) if side == "pre" else slice(0, len(t))
-        ids[i, where], mask[i, where] = t, True
-    return jnp.asarray(ids), jnp.asarray(mask)
+def padded(tokens, width, side):
+    return padded_with_junk(tokens, width, side, junk=5)
 
 
 TOKENS = [[3, 4, 5, 6, 7], [9], [2, 8, 11, 12, 13, 14, 15]]
