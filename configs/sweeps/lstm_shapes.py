@@ -7,12 +7,7 @@ Starts from configs/stacked_lstm.py (the last layer's final state is the text ve
 the notebooks this study comes from) and crosses layer sizes with direction.
 """
 
-QUICK = {
-    "data.max_examples": 2000,
-    "data.max_length": 200,
-    "data.tokenizer.vocab_size": 10000,
-    "train.epochs": 2,
-}
+from sentiment_jax.sweep import QUICK_SET as QUICK
 
 
 def get_sweep(preset: str = "quick"):
