@@ -76,11 +76,11 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=os.path.join(os.environ.get("PEERS_HOME") or "/tmp/peers", "imdb_10k_200.npz"))
     ap.add_argument("--bucket_width", type=int, default=0)
     ap.add_argument("--unroll", type=int, default=0, help="scan unroll; 0 keeps the config default")
-    ap.add_argument("--cpu_devices", type=int, default=0, help=">0: split each batch over this many CPU devices")
+    ap.add_argument("--cpu_devices", type=int, default=0, help=">0: shard each batch over this many single-threaded CPU devices")
     ap.add_argument("--steps", type=int, default=0, help=">0: time this many steps, print one line, exit")
     args = ap.parse_args(argv)
     if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        sharding.use_cpu_devices(args.cpu_devices)
 
     cfg = peer_config(args.model, args.unroll or config_base.base_config().model.unroll)
     with np.load(args.data) as f:
