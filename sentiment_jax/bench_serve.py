@@ -10,6 +10,7 @@ with `train.create_state` / `train.make_train_step`, and exact masking on: the m
 `ids != 0`, so the front padding never reaches the LSTM state (the peers run it through).
 `--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
 peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
+`--cpu_devices 2` shards each batch over one single-threaded CPU device per core (fastest here).
 One difference remains in bi2: our head also applies dropout to the pooled features before its
 first Dense layer, as `RecurrentClassifier` always does.
 """
