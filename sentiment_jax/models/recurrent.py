@@ -5,8 +5,8 @@ unchanged and emits zeros, so the forward direction ends on each sequence's own 
 token and the reverse scan (`lax.scan(reverse=True)`) starts there. No flipping of ragged
 sequences is needed, and padding can never change a prediction.
 
-The input projection `x @ W_x + b` of every time step is one large matmul outside the
-scan; only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
+The input projection `x @ W_x` of every time step is one large matmul outside the scan;
+only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
 GRU: r, z, n) so weights can be compared one to one.
 """
 
