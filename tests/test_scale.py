@@ -90,6 +90,15 @@ def test_transformer_attention_and_mlp_shard_too():
     assert sharded_fraction(state.params) > 0.9
 
 
+def test_use_cpu_devices_makes_single_threaded_devices_and_keeps_other_xla_flags():
+    """In a fresh process: JAX reads these settings only when it first creates its CPU backend."""
+    code = ("import os, jax; from sentiment_jax import sharding; sharding.use_cpu_devices(3); "
+            "print(len(jax.devices()), os.environ['XLA_FLAGS'])")
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "--xla_cpu_enable_fast_math=false", "--xla_cpu_multi_thread_eigen=false"]
+
+
 def test_layout_is_a_config_variant():
     from configs import lstm
 
