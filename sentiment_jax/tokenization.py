@@ -81,7 +81,7 @@ class NgramTokenizer(WordTokenizer):
             raise ValueError(f"data.tokenizer.word_ngrams ({word_ngrams}) and .buckets ({buckets}) must be >= 1")
         super().__init__(words, lowercase)
         self.char_ngrams, self.word_ngrams, self.buckets = tuple(char_ngrams), int(word_ngrams), int(buckets)
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, list[tuple[str, int]]] = {}  # word -> its pieces
 
     @property
     def vocab_size(self) -> int:
@@ -90,26 +90,28 @@ class NgramTokenizer(WordTokenizer):
     def _hash(self, piece: str) -> int:
         return len(self.words) + 2 + zlib.crc32(piece.encode()) % self.buckets  # stable across runs
 
-    def _word_ids(self, word: str) -> list[int]:
+    def _word_pieces(self, word: str) -> list[tuple[str, int]]:
         if word not in self._cache:
             lo, hi = self.char_ngrams
             marked = f"<{word}>"
             grams = [marked[i:i + n] for n in range(max(lo, 1), hi + 1) for i in range(len(marked) - n + 1)]
-            known = [self._index[word]] if word in self._index else []
-            self._cache[word] = known + [self._hash(g) for g in grams]
+            known = [(word, self._index[word])] if word in self._index else []
+            self._cache[word] = known + [(g, self._hash(g)) for g in grams]
         return self._cache[word]
 
-    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        out = []
-        for text in texts:
-            words, ids = self.split(text), []
-            for i, word in enumerate(words):
-                ids += self._word_ids(word)
-                # Word n-grams joined by spaces never collide with character n-grams (no spaces).
-                ids += [self._hash(" ".join(words[i - n + 1:i + 1]))
-                        for n in range(2, min(self.word_ngrams, i + 1) + 1)]
-            out.append(np.asarray(ids, np.int32))
+    def pieces(self, text: str) -> list[tuple[str, int]]:
+        """(feature, id) in encoding order: per word, itself, its character n-grams, the word n-grams ending at it."""
+        words, out = self.split(text), []
+        for i, word in enumerate(words):
+            out += self._word_pieces(word)
+            # Joined by spaces, a word n-gram is never the same string as a character n-gram.
+            for n in range(2, min(self.word_ngrams, i + 1) + 1):
+                gram = " ".join(words[i - n + 1:i + 1])
+                out.append((gram, self._hash(gram)))
         return out
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray([i for _, i in self.pieces(t)], np.int32) for t in texts]
 
     def save(self, directory: pathlib.Path) -> None:
         payload = {"kind": self.kind, "lowercase": self.lowercase, "words": self.words,

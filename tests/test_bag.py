@@ -54,6 +54,9 @@ def test_ngram_features_and_round_trip(tmp_path):
     want = [2] + grams("good") + grams("goodish") + [h("good goodish")] + [3] + grams("film") + [h("goodish film")]
     assert tok.encode(["Good goodish FILM"])[0].tolist() == want
     assert set(grams("good")) & set(grams("goodish"))
+    pieces = tok.pieces("good goodish film")  # what interpret.py shows next to each id
+    assert [i for _, i in pieces] == want and [p for p, _ in pieces[:3]] == ["good", "<go", "goo"]
+    assert pieces[-1][0] == "goodish film"
     assert all(4 <= i < tok.vocab_size for i in want if i > 3)
     tok.save(tmp_path)
     again = tokenization.load(tmp_path)
