@@ -15,12 +15,12 @@ def get_config(variant: str = "imdb"):
     c.model.dropout = 0.3
     c.model.embed_dropout = 0.3
     c.data.tokenizer.kind = "ngrams"
-    c.train.learning_rate = 3e-3
+    c.train.learning_rate = 1e-2  # NusaX indonesian, seeds 0-1: val macro-F1 75.2 vs 73.3 at 3e-3 / 25 epochs
     c.train.weight_decay = 0.01
     variant_data(c, variant, "configs/fasttext.py")
     # One word is ~17 features (itself, ~15 character n-grams, a bigram): lengths count features.
     c.data.max_length *= 16
     c.data.bucket_width = 256
     if variant.startswith("nusax"):
-        c.train.epochs = 40
+        c.train.epochs = 15  # validation macro-F1 levels off by about epoch 10 at this learning rate
     return c
