@@ -22,5 +22,5 @@ def get_config(variant: str = "imdb"):
     c.data.max_length *= 16
     c.data.bucket_width = 256
     if variant.startswith("nusax"):
-        c.train.epochs = 15  # validation macro-F1 levels off by about epoch 10 at this learning rate
+        c.train.epochs = 15  # validation macro-F1 peaks at epochs 4-8 at this learning rate
     return c
