@@ -73,3 +73,15 @@ def test_three_class_training_with_ngram_features(tmp_path):
                                 "checkpoint.best_metric": "macro_f1"})
     result = train.train_and_evaluate(cfg, tmp_path / "run")
     assert result["macro_f1"] > 0.9
+
+
+def test_saliency_names_every_ngram_feature():
+    from sentiment_jax import config_base, interpret, models, runs
+
+    cfg = config_base.base_config()
+    cfg.model.update({"name": "fasttext", "embed_dim": 8})
+    tok = tokenization.NgramTokenizer(["superb", "film"], char_ngrams=(3, 4), buckets=40)
+    model = models.build_model(cfg.model, tok.vocab_size, 2, nnx.Rngs(params=0))
+    explanation = interpret.explain(runs.Restored(cfg, tok, model, ["neg", "pos"], 0, None, None), "superb film")
+    assert explanation["words"] == [piece for piece, _ in tok.pieces("superb film")]
+    assert len(explanation["saliency"]) == len(explanation["words"])
