@@ -48,13 +48,16 @@ def base_config() -> ml_collections.ConfigDict:
     d.truncation = "pre"  # pre keeps the end of a long text
     d.bucket_width = 0  # >0: trim each batch to a multiple of this many tokens
     d.tokenizer = t = ml_collections.ConfigDict()
-    t.kind = "word"  # word | huggingface
-    t.vocab_size = 20000
+    t.kind = "word"  # word | ngrams (words + hashed n-grams, fastText-style) | huggingface
+    t.vocab_size = 20000  # word and ngrams: the word vocabulary
     t.lowercase = True
+    t.char_ngrams = (3, 5)  # ngrams: shortest and longest character n-gram of "<word>" (0, 0: none)
+    t.word_ngrams = 2  # ngrams: word n-grams up to this many words (1: single words only)
+    t.buckets = 100_000  # ngrams: hash buckets shared by all n-grams (ids after the words)
     t.path = config_dict.placeholder(str)  # huggingface: folder with tokenizer.json
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "lstm"  # lstm | gru | rnn | transformer
+    m.name = "lstm"  # lstm | gru | rnn | transformer | fasttext (bag of n-gram embeddings)
     m.embed_dim = 128  # transformer: the model width
     m.hidden_sizes = (128,)  # recurrent: one entry per stacked layer
     # recurrent: True/False for every layer, or one bool per layer, e.g. (True, False, False)
@@ -67,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.positions = "sinusoidal"  # transformer: sinusoidal | learned
     m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
-    m.embed_dropout = 0.0
+    m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # compute dtype; parameters stay float32

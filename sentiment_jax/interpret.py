@@ -30,7 +30,9 @@ from sentiment_jax import runs, train
 def tokens(run: runs.Restored, text: str) -> tuple[list[str], np.ndarray]:
     """The words (or subword pieces) the model sees and their ids, truncated like the training data."""
     tok, data = run.tokenizer, run.cfg.data
-    if hasattr(tok, "split"):  # word tokenizer
+    if hasattr(tok, "pieces"):  # n-gram features: words, character and word n-grams
+        words = [piece for piece, _ in tok.pieces(text)]
+    elif hasattr(tok, "split"):  # word tokenizer
         words = tok.split(text)
     else:  # Hugging Face tokenizer
         words = tok.tokenizer.encode(text, add_special_tokens=True).tokens

@@ -1,8 +1,9 @@
 """Text -> token ids. The tokenizer is saved in the workdir so eval and serving reuse it exactly.
 
-Two kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_size`, `save`):
-a word-level vocabulary fitted on the training split only, and any Hugging Face
-`tokenizer.json` from a local folder.
+Three kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_size`, `save`):
+a word-level vocabulary fitted on the training split only, the same words plus hashed
+character and word n-grams (fastText-style features, for the bag-of-embeddings model), and
+any Hugging Face `tokenizer.json` from a local folder.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import collections
 import json
 import pathlib
 import re
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +62,63 @@ class WordTokenizer:
         (directory / TOKENIZER_FILE).write_text(json.dumps(payload))
 
 
+class NgramTokenizer(WordTokenizer):
+    """fastText-style features: per word, its vocabulary id (if known), the character n-grams
+    of `<word>` and the word n-grams ending at it, the n-grams hashed into `buckets` shared ids.
+
+    A word unseen in training still shares n-grams with known words (`bagus`, `bagusnya`),
+    which matters when only a few hundred sentences are available. Ids: 0 padding, 1 unused,
+    then the words, then the buckets; unknown words contribute their n-grams only.
+    """
+
+    kind = "ngrams"
+
+    def __init__(self, words: Sequence[str], lowercase: bool = True, char_ngrams: Sequence[int] = (3, 5),
+                 word_ngrams: int = 2, buckets: int = 100_000):
+        if len(char_ngrams) != 2 or not 0 <= char_ngrams[0] <= char_ngrams[1]:
+            raise ValueError(f"data.tokenizer.char_ngrams must be (shortest, longest), e.g. (3, 5); got {char_ngrams}")
+        if word_ngrams < 1 or buckets < 1:
+            raise ValueError(f"data.tokenizer.word_ngrams ({word_ngrams}) and .buckets ({buckets}) must be >= 1")
+        super().__init__(words, lowercase)
+        self.char_ngrams, self.word_ngrams, self.buckets = tuple(char_ngrams), int(word_ngrams), int(buckets)
+        self._cache: dict[str, list[tuple[str, int]]] = {}  # word -> its pieces
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words) + 2 + self.buckets
+
+    def _hash(self, piece: str) -> int:
+        return len(self.words) + 2 + zlib.crc32(piece.encode()) % self.buckets  # stable across runs
+
+    def _word_pieces(self, word: str) -> list[tuple[str, int]]:
+        if word not in self._cache:
+            lo, hi = self.char_ngrams
+            marked = f"<{word}>"
+            grams = [marked[i:i + n] for n in range(max(lo, 1), hi + 1) for i in range(len(marked) - n + 1)]
+            known = [(word, self._index[word])] if word in self._index else []
+            self._cache[word] = known + [(g, self._hash(g)) for g in grams]
+        return self._cache[word]
+
+    def pieces(self, text: str) -> list[tuple[str, int]]:
+        """(feature, id) in encoding order: per word, itself, its character n-grams, the word n-grams ending at it."""
+        words, out = self.split(text), []
+        for i, word in enumerate(words):
+            out += self._word_pieces(word)
+            # Joined by spaces, a word n-gram is never the same string as a character n-gram.
+            for n in range(2, min(self.word_ngrams, i + 1) + 1):
+                gram = " ".join(words[i - n + 1:i + 1])
+                out.append((gram, self._hash(gram)))
+        return out
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray([i for _, i in self.pieces(t)], np.int32) for t in texts]
+
+    def save(self, directory: pathlib.Path) -> None:
+        payload = {"kind": self.kind, "lowercase": self.lowercase, "words": self.words,
+                   "char_ngrams": self.char_ngrams, "word_ngrams": self.word_ngrams, "buckets": self.buckets}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(payload))
+
+
 class HFTokenizer:
     """A Hugging Face fast tokenizer from a local folder, without its own padding/truncation."""
 
@@ -98,11 +157,14 @@ def build(cfg, train_texts: Sequence[str]):
     """Creates the tokenizer a config asks for, fitting a word vocabulary on train only."""
     if cfg.kind == "word":
         return WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase)
+    if cfg.kind == "ngrams":
+        words = WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase).words
+        return NgramTokenizer(words, cfg.lowercase, tuple(cfg.char_ngrams), cfg.word_ngrams, cfg.buckets)
     if cfg.kind == "huggingface":
         if not cfg.get("path"):
             raise ValueError("tokenizer kind 'huggingface' needs --config.data.tokenizer.path=FOLDER")
         return HFTokenizer.from_folder(cfg.path)
-    raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word' or 'huggingface'")
+    raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word', 'ngrams' or 'huggingface'")
 
 
 def load(directory: str | pathlib.Path):
@@ -114,6 +176,9 @@ def load(directory: str | pathlib.Path):
     payload = json.loads(file.read_text())
     if payload["kind"] == "word":
         return WordTokenizer(payload["words"], payload["lowercase"])
+    if payload["kind"] == "ngrams":
+        return NgramTokenizer(payload["words"], payload["lowercase"], payload["char_ngrams"], payload["word_ngrams"],
+                              payload["buckets"])
     from tokenizers import Tokenizer
 
     return HFTokenizer(Tokenizer.from_file(str(directory / payload["file"])))

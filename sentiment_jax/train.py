@@ -303,7 +303,7 @@ CHOICES = {
     "data.inputs": lambda: ["tokens", "backbone_features"],
     "data.padding": lambda: ["pre", "post"],
     "data.truncation": lambda: ["pre", "post"],
-    "data.tokenizer.kind": lambda: ["word", "huggingface"],
+    "data.tokenizer.kind": lambda: ["word", "ngrams", "huggingface"],
     "model.name": lambda: sorted(models.MODELS),
     "model.dtype": lambda: sorted(models.DTYPES),
     "train.loss": lambda: ["softmax", "sigmoid"],

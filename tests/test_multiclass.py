@@ -60,7 +60,7 @@ def load_config(name, variant):
 
 
 @pytest.mark.parametrize("name,variant", [("transformer", "nusax"), ("bilstm_attention", "imdb"), ("rnn", "nusax"),
-                                          ("stacked_lstm", "3-uni")])
+                                          ("stacked_lstm", "3-uni"), ("fasttext", "nusax")])
 def test_config_files_build_models(name, variant):
     cfg = load_config(name, variant)
     model = models.build_model(cfg.model, 50, 3, nnx.Rngs(0))

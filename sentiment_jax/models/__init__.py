@@ -14,7 +14,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from sentiment_jax.models import heads, recurrent, transformer
+from sentiment_jax.models import bag, heads, recurrent, transformer
 
 # Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
 nnx.use_eager_sharding(False)
@@ -45,11 +45,18 @@ def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
         rngs=rngs)
 
 
+def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    return bag.BagOfEmbeddings(vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim,
+                               head_sizes=tuple(cfg.head_sizes), dropout=cfg.dropout,
+                               embed_dropout=cfg.embed_dropout, rngs=rngs)
+
+
 def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     return heads.FeatureMLP(vocab_size, tuple(cfg.head_sizes), num_outputs, dropout=cfg.dropout, rngs=rngs)
 
 
 MODELS: dict[str, Callable] = {
+    "fasttext": _bag,
     "feature_mlp": _feature_mlp,
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),

@@ -1,0 +1,87 @@
+"""fastText-style model: n-gram features, a NumPy forward, padding invariance, a tiny 3-class training."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sentiment_jax import tokenization, train
+from sentiment_jax.models import bag
+from helpers import padded, tiny_config
+from test_multiclass import write_split
+
+forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
+TOKENS = [[3, 4, 5, 6, 7], [9], [2, 8, 11, 12, 13, 14, 15, 3]]
+
+
+def make_model(**kw):
+    return bag.BagOfEmbeddings(vocab_size=20, num_outputs=3, embed_dim=6, head_sizes=(5,), rngs=nnx.Rngs(0), **kw)
+
+
+def numpy_forward(model, ids):
+    p = lambda param: np.asarray(param[...], np.float64)
+    x = p(model.embed.embedding)[ids].mean(0)
+    for dense in model.head:
+        x = np.maximum(x @ p(dense.kernel) + p(dense.bias), 0)
+    return x @ p(model.out.kernel) + p(model.out.bias)
+
+
+def test_matches_numpy_and_padding_never_changes_the_prediction():
+    model = make_model()
+    want = np.stack([numpy_forward(model, np.asarray(t)) for t in TOKENS])
+    for side in ("pre", "post"):
+        for width in (8, 13):
+            got = forward(model, *padded(TOKENS, width, side, junk=17))
+            np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, err_msg=f"{side} {width}")
+
+
+def test_feature_dropout_is_active_only_in_training():
+    model = make_model(embed_dropout=0.5)
+    ids, mask = padded(TOKENS, 8, "pre", junk=0)
+    a, b = (model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(s))) for s in (0, 1))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model(ids, mask), model(ids, mask))
+    with pytest.raises(ValueError, match="model.embed_dropout"):
+        make_model(embed_dropout=1.0)
+
+
+def test_ngram_features_and_round_trip(tmp_path):
+    tok = tokenization.NgramTokenizer(["good", "film"], char_ngrams=(3, 4), word_ngrams=2, buckets=50)
+    assert tok.vocab_size == 2 + 2 + 50
+    h = tok._hash
+    grams = lambda w: [h(g) for g in (f"<{w}>"[i:i + n] for n in (3, 4) for i in range(len(w) + 3 - n))]
+    # "goodish" is unknown: only its character n-grams, some shared with "good".
+    want = [2] + grams("good") + grams("goodish") + [h("good goodish")] + [3] + grams("film") + [h("goodish film")]
+    assert tok.encode(["Good goodish FILM"])[0].tolist() == want
+    assert set(grams("good")) & set(grams("goodish"))
+    pieces = tok.pieces("good goodish film")  # what interpret.py shows next to each id
+    assert [i for _, i in pieces] == want and [p for p, _ in pieces[:3]] == ["good", "<go", "goo"]
+    assert pieces[-1][0] == "goodish film"
+    assert all(4 <= i < tok.vocab_size for i in want if i > 3)
+    tok.save(tmp_path)
+    again = tokenization.load(tmp_path)
+    assert again.encode(["good goodish film", "x"])[0].tolist() == want
+    assert again.vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="char_ngrams"):
+        tokenization.NgramTokenizer([], char_ngrams=(5, 3))
+
+
+def test_three_class_training_with_ngram_features(tmp_path):
+    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
+    cfg = tiny_config(files, **{"model.name": "fasttext", "model.embed_dim": 16, "data.tokenizer.kind": "ngrams",
+                                "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 6,
+                                "checkpoint.best_metric": "macro_f1"})
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    assert result["macro_f1"] > 0.9
+
+
+def test_saliency_names_every_ngram_feature():
+    from sentiment_jax import config_base, interpret, models, runs
+
+    cfg = config_base.base_config()
+    cfg.model.update({"name": "fasttext", "embed_dim": 8})
+    tok = tokenization.NgramTokenizer(["superb", "film"], char_ngrams=(3, 4), buckets=40)
+    model = models.build_model(cfg.model, tok.vocab_size, 2, nnx.Rngs(params=0))
+    explanation = interpret.explain(runs.Restored(cfg, tok, model, ["neg", "pos"], 0, None, None), "superb film")
+    assert explanation["words"] == [piece for piece, _ in tok.pieces("superb film")]
+    assert len(explanation["saliency"]) == len(explanation["words"])
