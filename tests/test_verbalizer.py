@@ -96,9 +96,9 @@ def test_windows_reuse_the_one_window_cache_and_encode_only_the_extra_windows(fo
     extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
     texts = [" ".join(["good movie"] * 5 + ["bad plot"] * 5), "great film", "awful plot " * 5]
     encoded = []
-    def counting(rows, *args):
+    def counting(rows, *args, **kwargs):
         encoded.append(len(rows))
-        return extract(rows, *args)
+        return extract(rows, *args, **kwargs)
     single = verbalizer.split_features(cfg, backbone, lambda: counting, texts, None, windows=1)
     assert encoded == [3]
     windowed = verbalizer.split_features(cfg, backbone, lambda: counting, texts, None)
@@ -108,6 +108,30 @@ def test_windows_reuse_the_one_window_cache_and_encode_only_the_extra_windows(fo
     for name in verbalizer.POOLINGS:
         np.testing.assert_allclose(windowed[name], expected[name], atol=1e-5, err_msg=name)
     np.testing.assert_allclose(windowed["mean"][1], single["mean"][1])  # a short text has one window
+    assert not list((tmp_path / "features").glob("*.partial.npz"))  # progress files go once the cache is saved
+
+
+def test_a_stopped_extraction_resumes_from_its_progress_file(folder, tmp_path, monkeypatch):
+    cfg = _cfg(folder, tmp_path)
+    backbone = verbalizer.load_backbone(cfg.backbone)
+    extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
+    texts = [" ".join(["good movie"] * k) for k in range(1, 21)]
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, TEMPLATE, 16)
+    monkeypatch.setattr(verbalizer, "PROGRESS_SECONDS", 0)  # save after every batch
+    progress = tmp_path / "progress.npz"
+    full = extract(rows, 8, 8, progress=progress)
+    with np.load(progress) as f:
+        assert int(f["done"]) == len(rows) and int(f["num_rows"]) == len(rows)
+    # Pretend a run stopped after the 8 shortest rows (texts 0-7), whose saved features are marked.
+    stopped = {name: np.where(np.arange(len(rows))[:, None] < 8, 7.0, 0.0 * v).astype(np.float32)
+               for name, v in full.items()}
+    verbalizer._save(progress, **stopped, done=8, num_rows=len(rows))
+    resumed = extract(rows, 8, 8, progress=progress)
+    for name in verbalizer.POOLINGS:
+        np.testing.assert_array_equal(resumed[name][:8], 7.0)  # taken from the file, not recomputed
+        np.testing.assert_allclose(resumed[name][8:], full[name][8:], atol=1e-6)
+    verbalizer._save(progress, **stopped, done=8, num_rows=3)  # a file for other rows is ignored
+    np.testing.assert_allclose(extract(rows, 8, 8, progress=progress)["mean"], full["mean"], atol=1e-6)
 
 
 def test_padding_never_changes_features_and_poolings_pick_the_right_tokens(folder, tmp_path):
