@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     b.pooling = "final"  # final | cls | mean | layers_mean | label_words
     b.label_words = ()  # label_words (masked-LM checkpoints): one word per class, the template has {mask}
     b.layers = (-4, -3, -2, -1)  # layers_mean: hidden states averaged (0 = embeddings, -1 = last)
-    b.windows = 1  # >1: long texts become up to this many windows whose features are averaged
+    b.windows = 1  # >1: long texts become up to this many windows (cut from the kept end), features averaged
     b.batch_size = 32  # feature extraction
     b.bucket_width = 32  # extraction batches are padded to a multiple of this many tokens
     b.dtype = "float32"  # encoder compute dtype
