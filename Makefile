@@ -7,6 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SENTIMENT_JAX_DATA ?= $(abspath ../shared/data)
 export SENTIMENT_JAX_DATA
+# CPU training runs fastest with one single-threaded device per core (the batch is split over
+# them) and with malloc backed by transparent huge pages (XLA's large temporaries then cost far
+# fewer page faults). Both measured in docs/benchmarks.md § Speed. Powers of two divide the batch.
+CPU_DEVICES ?= $(shell n=$$(nproc); p=1; while [ $$((p * 2)) -le $$n ]; do p=$$((p * 2)); done; echo $$p)
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -26,7 +31,8 @@ $(VENV)/.test-installed: $(VENV)/.installed
 install: $(VENV)/.installed
 
 train: install
-	$(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm
+	GLIBC_TUNABLES=$(GLIBC_TUNABLES) $(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm \
+		--cpu_devices=$(CPU_DEVICES)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q -n 2 --dist loadfile

@@ -5,7 +5,7 @@ same length-sorted batches padded to the same widths, same CPU. Reports reviews/
 each (JAX after a warm-up pass that compiles every bucket shape) and the largest feature
 difference. Needs torch (`pip install torch==2.13.0`).
 
-  SENTIMENT_JAX_DATA=/path/to/data python benchmarks/verbalizer_throughput.py --num=512 --max_length=256
+  SENTIMENT_JAX_DATA=/path/to/data python benchmarks/verbalizer_throughput.py --num=512 --max_length=256 [--cpu_devices=2]
 """
 
 import argparse
@@ -17,8 +17,7 @@ import torch
 import transformers
 
 from sentiment_jax import data as data_lib
-from sentiment_jax import sharding
-from sentiment_jax import verbalizer
+from sentiment_jax import sharding, verbalizer
 from sentiment_jax.config_base import base_config
 
 
@@ -28,7 +27,11 @@ def main():
     parser.add_argument("--num", type=int, default=512)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu_devices", type=int, default=0, help=">0: our side on this many single-threaded devices")
     args = parser.parse_args()
+    if args.cpu_devices:
+        sharding.use_cpu_devices(args.cpu_devices)
 
     cfg = base_config()
     cfg.backbone.path = args.backbone
@@ -45,31 +48,40 @@ def main():
     t0 = time.perf_counter()
     extractor(rows, args.batch_size, cfg.backbone.bucket_width)
     compile_pass = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = extractor(rows, args.batch_size, cfg.backbone.bucket_width)["mean"]
-    jax_seconds = time.perf_counter() - t0
+
+    def run_jax():
+        return extractor(rows, args.batch_size, cfg.backbone.bucket_width)["mean"]
 
     model = transformers.AutoModel.from_pretrained(verbalizer.resolve_folder(args.backbone)).eval()
     order = np.argsort([len(r) for r in rows], kind="stable")
-    theirs = np.zeros_like(ours)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(rows), args.batch_size):
-            chunk = order[start:start + args.batch_size]
-            width = -(-max(len(rows[i]) for i in chunk) // cfg.backbone.bucket_width) * cfg.backbone.bucket_width
-            ids = np.zeros((len(chunk), width), np.int64)
-            for j, i in enumerate(chunk):
-                ids[j, :len(rows[i])] = rows[i]
-            mask = torch.tensor(ids != 0, dtype=torch.long)
-            hidden = model(input_ids=torch.tensor(ids), attention_mask=mask).last_hidden_state
-            m = mask[..., None].float()
-            theirs[chunk] = ((hidden * m).sum(1) / m.sum(1)).numpy()
-    torch_seconds = time.perf_counter() - t0
 
-    print(f"jax   : {len(rows) / jax_seconds:6.1f} reviews/s ({jax_seconds:.1f} s; first pass with compilation "
-          f"{compile_pass:.1f} s)")
-    print(f"torch : {len(rows) / torch_seconds:6.1f} reviews/s ({torch_seconds:.1f} s)")
-    print(f"max |jax - torch| of mean-pooled features: {np.abs(ours - theirs).max():.2e}")
+    def run_torch():
+        theirs = np.zeros((len(rows), model.config.hidden_size), np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(rows), args.batch_size):
+                chunk = order[start:start + args.batch_size]
+                width = -(-max(len(rows[i]) for i in chunk) // cfg.backbone.bucket_width) * cfg.backbone.bucket_width
+                ids = np.zeros((len(chunk), width), np.int64)
+                for j, i in enumerate(chunk):
+                    ids[j, :len(rows[i])] = rows[i]
+                mask = torch.tensor(ids != 0, dtype=torch.long)
+                hidden = model(input_ids=torch.tensor(ids), attention_mask=mask).last_hidden_state
+                m = mask[..., None].float()
+                theirs[chunk] = ((hidden * m).sum(1) / m.sum(1)).numpy()
+        return theirs
+
+    # Interleaved repeats, so a burst of other load hits both sides alike; medians reported.
+    rates, features = {"jax": [], "torch": []}, {}
+    for _ in range(args.repeats):
+        for name, run in (("jax", run_jax), ("torch", run_torch)):
+            t0 = time.perf_counter()
+            features[name] = run()
+            rates[name].append(len(rows) / (time.perf_counter() - t0))
+    print(f"jax   : {np.median(rates['jax']):6.1f} reviews/s median of {[round(r, 1) for r in rates['jax']]} "
+          f"(first pass with compilation {compile_pass:.1f} s)")
+    print(f"torch : {np.median(rates['torch']):6.1f} reviews/s median of {[round(r, 1) for r in rates['torch']]}")
+    print(f"ratio jax/torch of medians: {np.median(rates['jax']) / np.median(rates['torch']):.2f}")
+    print(f"max |jax - torch| of mean-pooled features: {np.abs(features['jax'] - features['torch']).max():.2e}")
 
 
 if __name__ == "__main__":

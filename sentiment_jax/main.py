@@ -22,7 +22,8 @@ flags.DEFINE_string("checkpoint", None, "eval/predict: best, latest or a step nu
 flags.DEFINE_string("input", None, "predict: .csv, .jsonl or one-text-per-line file, or - for stdin "
                     "(default: the texts given as arguments, else stdin).")
 flags.DEFINE_string("text_field", "text", "predict: the CSV column or JSON key holding the text.")
-flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (for testing sharding).")
+flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many single-threaded devices: one per core "
+                     "is fastest for the LSTM; more simulate a bigger mesh.")
 # Multi-process runs; on TPU VMs and under SLURM these are detected and need not be given.
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 10.0.0.2:8476.")
 flags.DEFINE_integer("num_processes", None, "Processes in the run (one per host, or per GPU).")
@@ -34,9 +35,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax
 
+    from sentiment_jax import checkpoints, data, distributed, predict, sharding, train
+
     if FLAGS.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from sentiment_jax import checkpoints, data, distributed, predict, train
+        sharding.use_cpu_devices(FLAGS.cpu_devices)
 
     workdir = pathlib.Path(FLAGS.workdir)
     try:

@@ -5,8 +5,8 @@ unchanged and emits zeros, so the forward direction ends on each sequence's own 
 token and the reverse scan (`lax.scan(reverse=True)`) starts there. No flipping of ragged
 sequences is needed, and padding can never change a prediction.
 
-The input projection `x @ W_x + b` of every time step is one large matmul outside the
-scan; only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
+The input projection `x @ W_x` of every time step is one large matmul outside the scan;
+only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
 GRU: r, z, n) so weights can be compared one to one.
 """
 
@@ -118,9 +118,9 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
     if isinstance(cell, LSTMCell):
-        xp = cell.project(x.swapaxes(0, 1))  # time-major by transposing x, not the 4x wider projection
-        w_h = cell.recurrent_kernel[...].astype(x.dtype)
-        final, outputs = _lstm_scan(xp, mask.T, w_h, reverse, unroll)
+        w_x, b, w_h = (p[...].astype(x.dtype) for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
+        # Time-major by transposing x, not the 4x wider projection.
+        final, outputs = _lstm_scan(x.swapaxes(0, 1), w_x, b, mask.T, w_h, reverse, unroll)
         return final, outputs.swapaxes(0, 1)
     return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
 
@@ -146,28 +146,40 @@ def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
 
 
 # ---------------------------------------------------------------------------------------
-# LSTM fast path: a hand-written backward pass.
+# LSTM fast path: one hand-written VJP for the input projection and the scan together.
 #
 # Autodiff of the scan accumulates dW_h inside the backward loop, a second small matmul
-# per step. The VJP below leaves one matmul per step in the loop (dz @ W_h^T) and computes
-# dW_h afterwards as one large matmul over all steps. Arrays are time-major: xp [T, B, 4H],
-# mask [T, B], so every per-step slice is contiguous and dW_h needs no transposes.
+# per step. The VJP below leaves one matmul per step in the loop (dz @ W_h^T); afterwards
+# dW_x and dW_h come from ONE large matmul [x, h_prev]^T @ dz over all steps, and dx from
+# dz @ W_x^T. Arrays are time-major: x [T, B, E], mask [T, B], so every per-step slice is
+# contiguous. The bias is added inside the step, where it fuses with the gate math.
 
 
-def _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals):
-    zeros = jnp.zeros(xp.shape[1:-1] + (w_h.shape[0],), xp.dtype)
+def _gate_constants(hidden: int, dtype):
+    """Per-column (scale, shift) so one sigmoid gives all four gates: tanh(z) = 2*sigmoid(2z) - 1."""
+    ones, zeros = jnp.ones(hidden, dtype), jnp.zeros(hidden, dtype)
+    scale = jnp.concatenate([ones, ones, 2 * ones, ones])
+    shift = jnp.concatenate([zeros, zeros, -ones, zeros])
+    return scale, shift
+
+
+def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals):
+    xp = x @ w_x
+    zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), x.dtype)
+    scale, shift = _gate_constants(w_h.shape[0], x.dtype)
 
     def body(carry, inputs):
         h, c = carry
         xp_t, m_t = inputs
-        i, f, g, o = jnp.split(xp_t + h @ w_h, 4, axis=-1)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        # One elementwise pass over all 4H gate columns, materialised once, then shared by c and h:
+        # cheaper on CPU than four separate activations that XLA fuses into c and h twice over.
+        gates = jax.nn.sigmoid((xp_t + h @ w_h + b) * scale) * scale + shift
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
         m = m_t[..., None]
         c_new = jnp.where(m, f * c + i * g, c)
         h_new = jnp.where(m, o * jnp.tanh(c_new), h)
-        # Few stacked outputs: each is a [T, ...] buffer written (and zero-filled) every step.
-        return (h_new, c_new), ((h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
-                                if keep_residuals else h_new)
+        # Few stacked outputs: each is a [T, ...] buffer written every step.
+        return (h_new, c_new), (h_new, c_new, gates) if keep_residuals else h_new
 
     (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), reverse=reverse, unroll=unroll)
     hs = ys[0] if keep_residuals else ys
@@ -180,19 +192,19 @@ def _previous(seq, reverse):
     return jnp.concatenate([seq[1:], zeros]) if reverse else jnp.concatenate([zeros, seq[:-1]])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lstm_scan(xp, mask, w_h, reverse, unroll):
-    """(final h [B, H], outputs [T, B, H]), zero outputs on padded steps."""
-    return _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _lstm_scan(x, w_x, b, mask, w_h, reverse, unroll):
+    """(final h [B, H], outputs [T, B, H]) of x [T, B, E]; zero outputs on padded steps."""
+    return _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals=False)[0]
 
 
-def _lstm_scan_fwd(xp, mask, w_h, reverse, unroll):
-    out, saved = _lstm_forward(xp, mask, w_h, reverse, unroll, keep_residuals=True)
-    return out, (saved, mask, w_h)
+def _lstm_scan_fwd(x, w_x, b, mask, w_h, reverse, unroll):
+    out, saved = _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals=True)
+    return out, (saved, x, mask, w_x, w_h)
 
 
 def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
-    (hs, cs, gates), mask, w_h = residuals
+    (hs, cs, gates), x, mask, w_x, w_h = residuals
     d_final, d_outputs = cotangents
     w_t = w_h.T
 
@@ -212,8 +224,12 @@ def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
     _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
                          (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
                          unroll=unroll)
-    d_w_h = jnp.einsum("tbh,tbg->hg", _previous(hs, reverse), dz)
-    return dz, None, d_w_h
+    # Contract over time and batch together as one GEMM. No reshape to [T*B, ...]: with the batch
+    # sharded over devices that reshape would force an all-gather, where this needs one all-reduce.
+    inputs = jnp.concatenate([x, _previous(hs, reverse)], axis=-1)
+    d_w = jax.lax.dot_general(inputs, dz, (((0, 1), (0, 1)), ((), ())))
+    d_x = dz @ w_x.T
+    return d_x, d_w[:x.shape[-1]], dz.sum((0, 1)), None, d_w[x.shape[-1]:]
 
 
 _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
