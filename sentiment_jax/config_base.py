@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_fraction = 0.1  # carved from train when the source has no validation split
     d.validation_seed = 0
     d.max_examples = 0  # >0: a seeded random subset of every split, for quick runs
+    d.max_test_examples = 0  # >0: a seeded random subset of the test split only (when test is costly to encode)
     d.max_length = 400
     d.padding = "pre"  # pre | post
     d.truncation = "pre"  # pre keeps the end of a long text
@@ -82,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     b.pooling = "final"  # final | cls | mean | layers_mean | label_words
     b.label_words = ()  # label_words (masked-LM checkpoints): one word per class, the template has {mask}
     b.layers = (-4, -3, -2, -1)  # layers_mean: hidden states averaged (0 = embeddings, -1 = last)
-    b.windows = 1  # >1: long texts become up to this many windows whose features are averaged
+    b.windows = 1  # >1: long texts become up to this many windows (cut from the kept end), features averaged
     b.batch_size = 32  # feature extraction
     b.bucket_width = 32  # extraction batches are padded to a multiple of this many tokens
     b.dtype = "float32"  # encoder compute dtype

