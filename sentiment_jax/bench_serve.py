@@ -32,10 +32,10 @@ from sentiment_jax import config_base, input_pipeline, sharding, train
 VOCAB, BATCH = 10_000, 64
 
 
-def peer_config(model: str, unroll: int):
+def peer_config(model: str, unroll: int, dtype: str = "float32"):
     """The peers' model and optimiser in our config: plain Adam, no clipping, no schedule."""
     c = config_base.base_config()
-    c.model.embed_dim, c.model.unroll = 128, unroll
+    c.model.embed_dim, c.model.unroll, c.model.dtype = 128, unroll, dtype
     if model == "uni":
         c.model.hidden_sizes, c.model.bidirectional, c.model.pooling = (128,), False, "last"
         c.train.loss = "sigmoid"
@@ -77,13 +77,15 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=os.path.join(os.environ.get("PEERS_HOME") or "/tmp/peers", "imdb_10k_200.npz"))
     ap.add_argument("--bucket_width", type=int, default=0)
     ap.add_argument("--unroll", type=int, default=0, help="scan unroll; 0 keeps the config default")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="matmul operand dtype (model.dtype); gates, cell state and gradients stay float32")
     ap.add_argument("--cpu_devices", type=int, default=0, help=">0: shard each batch over this many single-threaded CPU devices")
     ap.add_argument("--steps", type=int, default=0, help=">0: time this many steps, print one line, exit")
     args = ap.parse_args(argv)
     if args.cpu_devices:
         sharding.use_cpu_devices(args.cpu_devices)
 
-    cfg = peer_config(args.model, args.unroll or config_base.base_config().model.unroll)
+    cfg = peer_config(args.model, args.unroll or config_base.base_config().model.unroll, args.dtype)
     with np.load(args.data) as f:
         ids, labels = f["x_train"].astype(np.int32), f["y_train"].astype(np.int32)
     split = input_pipeline.Encoded(ids, (ids != 0).sum(1).astype(np.int32), labels)
@@ -128,7 +130,7 @@ def main(argv=None) -> None:
                 "gflop_s": round(rate * mflop / 1e3, 1), "cpu_s_per_step": round(cpu / n, 4)}
 
     info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": args.model, "batch": BATCH,
-            "mode": "serve", "unroll": cfg.model.unroll, "bucket_width": args.bucket_width,
+            "mode": "serve", "unroll": cfg.model.unroll, "dtype": args.dtype, "bucket_width": args.bucket_width,
             "mflop_per_example": round(mflop, 1), "params": train.parameter_counts(state)["trainable_params"],
             "xla_gemm_gflops": xla_gemm_gflops(), "ready": True}
     if args.steps:

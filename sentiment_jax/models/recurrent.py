@@ -118,10 +118,10 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
     if isinstance(cell, LSTMCell):
-        w_x, b, w_h = (p[...].astype(x.dtype) for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
+        w_x, b, w_h = (p[...] for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
         # Time-major by transposing x, not the 4x wider projection.
         final, outputs = _lstm_scan(x.swapaxes(0, 1), w_x, b, mask.T, w_h, reverse, unroll)
-        return final, outputs.swapaxes(0, 1)
+        return final.astype(x.dtype), outputs.swapaxes(0, 1)
     return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
 
 
@@ -153,6 +153,15 @@ def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
 # dW_x and dW_h come from ONE large matmul [x, h_prev]^T @ dz over all steps, and dx from
 # dz @ W_x^T. Arrays are time-major: x [T, B, E], mask [T, B], so every per-step slice is
 # contiguous. The bias is added inside the step, where it fuses with the gate math.
+#
+# Mixed precision: the matmul operands take x's dtype (bfloat16 doubles GEMM speed on CPUs
+# with AVX512-BF16 and on TPUs) and accumulate in float32; gates, cell state and every
+# gradient stay float32, and the weights come in as float32 so their gradients do too.
+
+
+def _matmul(a, b):
+    """a @ b with b's dtype for both operands and a float32 result."""
+    return jnp.matmul(a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
 def _gate_constants(hidden: int, dtype):
@@ -164,16 +173,17 @@ def _gate_constants(hidden: int, dtype):
 
 
 def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals):
-    xp = x @ w_x
-    zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), x.dtype)
-    scale, shift = _gate_constants(w_h.shape[0], x.dtype)
+    w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
+    xp = _matmul(x, w_x)
+    zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)
+    scale, shift = _gate_constants(w_h.shape[0], jnp.float32)
 
     def body(carry, inputs):
         h, c = carry
         xp_t, m_t = inputs
         # One elementwise pass over all 4H gate columns, materialised once, then shared by c and h:
         # cheaper on CPU than four separate activations that XLA fuses into c and h twice over.
-        gates = jax.nn.sigmoid((xp_t + h @ w_h + b) * scale) * scale + shift
+        gates = jax.nn.sigmoid((xp_t + _matmul(h, w_h) + b) * scale) * scale + shift
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         m = m_t[..., None]
         c_new = jnp.where(m, f * c + i * g, c)
@@ -183,7 +193,7 @@ def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals):
 
     (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), reverse=reverse, unroll=unroll)
     hs = ys[0] if keep_residuals else ys
-    return (h, jnp.where(mask[..., None], hs, 0)), ys
+    return (h, jnp.where(mask[..., None], hs, 0).astype(x.dtype)), ys
 
 
 def _previous(seq, reverse):
@@ -206,7 +216,8 @@ def _lstm_scan_fwd(x, w_x, b, mask, w_h, reverse, unroll):
 def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
     (hs, cs, gates), x, mask, w_x, w_h = residuals
     d_final, d_outputs = cotangents
-    w_t = w_h.T
+    d_final, d_outputs = d_final.astype(jnp.float32), d_outputs.astype(jnp.float32)
+    w_t = w_h.T.astype(x.dtype)
 
     def body(carry, inputs):
         dh, dc = carry  # cotangents of the carry after this step
@@ -219,16 +230,17 @@ def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
         dc_new = dc_step + dh_step * o * (1 - tanh_c ** 2)
         dz = jnp.concatenate([dc_new * g * i * (1 - i), dc_new * c_prev_t * f * (1 - f),
                               dc_new * i * (1 - g ** 2), dh_step * tanh_c * o * (1 - o)], axis=-1)
-        return (dz @ w_t + dh - dh_step, dc_new * f + dc - dc_step), dz
+        return (_matmul(dz, w_t) + dh - dh_step, dc_new * f + dc - dc_step), dz
 
     _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
                          (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
                          unroll=unroll)
     # Contract over time and batch together as one GEMM. No reshape to [T*B, ...]: with the batch
     # sharded over devices that reshape would force an all-gather, where this needs one all-reduce.
-    inputs = jnp.concatenate([x, _previous(hs, reverse)], axis=-1)
-    d_w = jax.lax.dot_general(inputs, dz, (((0, 1), (0, 1)), ((), ())))
-    d_x = dz @ w_x.T
+    inputs = jnp.concatenate([x, _previous(hs, reverse).astype(x.dtype)], axis=-1)
+    d_w = jax.lax.dot_general(inputs, dz.astype(x.dtype), (((0, 1), (0, 1)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    d_x = _matmul(dz, w_x.T.astype(x.dtype)).astype(x.dtype)
     return d_x, d_w[:x.shape[-1]], dz.sum((0, 1)), None, d_w[x.shape[-1]:]
 
 
