@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
-    m.dtype = "float32"  # compute dtype; parameters stay float32
+    m.dtype = "float32"  # matmul/activation dtype (float32 | bfloat16); parameters, LSTM state stay float32
 
     # A frozen pretrained encoder whose features feed the model when data.inputs = "backbone_features".
     c.backbone = b = ml_collections.ConfigDict()
