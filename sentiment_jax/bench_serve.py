@@ -11,6 +11,8 @@ with `train.create_state` / `train.make_train_step`, and exact masking on: the m
 `--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
 peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
 `--cpu_devices 2` shards each batch over one single-threaded CPU device per core (fastest here).
+`--dtype bfloat16` runs the matmuls in bfloat16; the peers run float32, so pair it with
+benchmarks/torch_autocast_peer.py, which gives PyTorch the same precision.
 One difference remains in bi2: our head also applies dropout to the pooled features before its
 first Dense layer, as `RecurrentClassifier` always does.
 """
@@ -58,10 +60,11 @@ def nominal_mflop(cfg, steps: int = 200) -> float:
     return total / 1e6
 
 
-def xla_gemm_gflops(n: int = 2048, reps: int = 5) -> float:
-    """float32 n^3 matmul GFLOP/s of XLA itself, to set our figures against (median of reps)."""
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
+def xla_gemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """n^3 matmul GFLOP/s of XLA itself in `dtype` (float32 accumulation), to set our figures against
+    (median of reps)."""
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     mm(a).block_until_ready()
     times = []
     for _ in range(reps):
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
     info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": args.model, "batch": BATCH,
             "mode": "serve", "unroll": cfg.model.unroll, "dtype": args.dtype, "bucket_width": args.bucket_width,
             "mflop_per_example": round(mflop, 1), "params": train.parameter_counts(state)["trainable_params"],
-            "xla_gemm_gflops": xla_gemm_gflops(), "ready": True}
+            "xla_gemm_gflops": xla_gemm_gflops(dtype=args.dtype), "ready": True}
     if args.steps:
         print(json.dumps(dict(info, **timed(args.steps))), flush=True)
         return
