@@ -7,6 +7,8 @@ A sweep file (see `configs/sweeps/`) has `get_sweep(preset)` returning a dict:
   variants  optional [{"name": ..., "config": FILE, "set": {...}}]: named runs, e.g. one per model
   grid      optional {field: [values]}: every combination, crossed with every variant
   seeds     optional [0, 1, 2]: each configuration once per seed (sets `seed`)
+  compare   optional, default True; False when the rows are different tasks (e.g. one per
+            language) rather than rival configurations: no best mark, an average row instead
 
 Runs land in WORKDIR/NAME/seed_S. A folder with `result.json` is done and skipped, an
 interrupted one resumes from its checkpoints, and a run that fails is recorded in the
@@ -38,7 +40,7 @@ from absl import app, flags, logging
 from sentiment_jax import runs, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SPEC_KEYS = {"config", "set", "variants", "grid", "seeds"}
+SPEC_KEYS = {"config", "set", "variants", "grid", "seeds", "compare"}
 # The `quick` preset of the sweep configs: small IMDB subsets that finish in minutes on a CPU.
 QUICK_SET = {
     "data.max_examples": 2000,
@@ -205,8 +207,12 @@ MEAN_COLUMNS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1"
                 "examples_per_s")
 
 
-def group_rows(rows: list[dict]) -> list[dict]:
-    """One row per configuration: mean and sample standard deviation over its finished seeds."""
+def group_rows(rows: list[dict], compare: bool = True) -> list[dict]:
+    """One row per configuration: mean and sample standard deviation over its finished seeds.
+
+    With `compare`, the best by mean validation accuracy is marked; without, an "average" row
+    (the mean of the configurations' means) is appended instead.
+    """
     groups = []
     for name in dict.fromkeys(r["name"] for r in rows):
         members = [r for r in rows if r["name"] == name]
@@ -220,9 +226,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
             group[column + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         groups.append(group)
     scored = [g for g in groups if g["val_accuracy"] is not None]
-    best = max(scored, key=lambda g: g["val_accuracy"], default=None)
+    best = max(scored, key=lambda g: g["val_accuracy"], default=None) if compare else None
     for g in groups:
         g["best"] = g is best
+    if not compare and scored:
+        average = {"name": f"average of {len(scored)}", "seeds": sum(g["seeds"] for g in scored),
+                   "runs": sum(g["runs"] for g in scored), "trainable_params": None, "total_params": None,
+                   "best": False}
+        for column in MEAN_COLUMNS:
+            values = [g[column] for g in scored if g[column] is not None]
+            average[column] = float(np.mean(values)) if values else None
+            average[column + "_std"] = None
+        groups.append(average)
     return groups
 
 
@@ -248,12 +263,13 @@ def markdown_table(groups: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize(sweep_runs: list[Run], workdir: pathlib.Path) -> dict:
+def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True) -> dict:
     """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON."""
     rows = [run_row(r, workdir) for r in sweep_runs]
-    groups = group_rows(rows)
+    groups = group_rows(rows, compare)
     failures = [f"- {r['folder']}: {r.get('error', 'not run')}" for r in rows if r["status"] != "done"]
-    text = "\n".join(["# Sweep summary", "", f"Best (by mean validation accuracy) in bold. Folder: `{workdir}`.",
+    legend = "Best (by mean validation accuracy) in bold." if compare else "Last row: the mean of the rows above."
+    text = "\n".join(["# Sweep summary", "", f"{legend} Folder: `{workdir}`.",
                       "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []))
     (workdir / "summary.md").write_text(text + "\n")
     buffer = io.StringIO()
@@ -276,7 +292,7 @@ def run_sweep(spec_file: str, workdir: str | pathlib.Path, overrides: dict | Non
     sweep_runs = expand(spec, overrides, where=spec_file)
     workdir.mkdir(parents=True, exist_ok=True)
     run_all(sweep_runs, workdir)
-    summary = summarize(sweep_runs, workdir)
+    summary = summarize(sweep_runs, workdir, compare=spec.get("compare", True))
     if plots:
         from sentiment_jax import plots as plots_lib
 

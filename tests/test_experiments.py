@@ -205,3 +205,19 @@ def test_the_comparison_notebook_runs(tiny_sweep, monkeypatch):
     assert "**lstm** (best)" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # curves, F1, 2 confusions, words
     assert (workdir / "interpret_best.png").is_file()
+
+
+def test_sweep_of_tasks_gets_an_average_row_and_no_best_mark():
+    """Rows that are different tasks (languages) are not rivals: no best mark, their mean instead."""
+    def row(name, seed, val, test):
+        return {"name": name, "folder": f"{name}/seed_{seed}", "status": "done", "trainable_params": 10,
+                "total_params": 10, "val_accuracy": val, "val_macro_f1": val, "test_accuracy": test,
+                "test_macro_f1": test, "train_seconds": 1.0, "examples_per_s": 2.0}
+
+    rows = [row("english", 0, 0.7, 0.6), row("english", 1, 0.8, 0.8), row("javanese", 0, 0.9, 0.5)]
+    groups = sweep.group_rows(rows, compare=False)
+    assert [g["name"] for g in groups] == ["english", "javanese", "average of 2"]
+    assert not any(g["best"] for g in groups)
+    assert groups[-1]["test_accuracy"] == pytest.approx((0.7 + 0.5) / 2)  # mean of the per-task means
+    assert "(best)" not in sweep.markdown_table(groups)
+    assert sweep.group_rows(rows)[1]["best"] and len(sweep.group_rows(rows)) == 2

@@ -12,4 +12,4 @@ from sentiment_jax.data import NUSAX_LANGUAGES
 
 def get_sweep(preset: str = "fasttext"):
     return {"config": f"configs/{preset}.py:nusax", "grid": {"data.language": list(NUSAX_LANGUAGES)},
-            "seeds": [0, 1, 2]}
+            "seeds": [0, 1, 2], "compare": False}
