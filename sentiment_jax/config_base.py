@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
     m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
+    m.bag_weights = "uniform"  # fasttext: uniform | idf (inverse document frequency in the training split)
+    m.bag_norm = "l1"  # fasttext: divide the weighted sum of embeddings by the feature vector's l1 (mean) or l2 norm
+    m.sublinear_tf = False  # fasttext: a feature occurring k times in a text counts 1 + ln k
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # compute dtype; parameters stay float32
