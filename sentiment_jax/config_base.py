@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.b2 = 0.999
     tr.grad_clip = 1.0  # global norm; 0 disables
     tr.loss = "softmax"  # softmax | sigmoid (binary, one logit)
+    tr.class_weights = "none"  # none | balanced (class c's loss scaled by n / (K n_c) over the train labels)
     tr.confidence_penalty = 0.0  # sigmoid: loss = bce - λ·mean|p - 0.5| (rewards confident predictions)
     tr.log_every = 20
 

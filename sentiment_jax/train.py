@@ -178,7 +178,20 @@ def zero_metrics(mesh) -> dict[str, jax.Array]:
     return {k: jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(mesh)) for k in METRIC_KEYS}
 
 
-def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
+def class_weights(cfg, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Per-class loss weights (train.class_weights): 'balanced' gives class c the weight n / (K n_c)
+    over the training labels, so every class contributes equally to the loss; 'none' gives None."""
+    if cfg.train.get("class_weights", "none") == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError(f"train.class_weights 'balanced': class(es) {np.flatnonzero(counts == 0).tolist()} "
+                         "have no training examples")
+    return (len(labels) / (num_classes * counts)).astype(np.float32)
+
+
+def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights: np.ndarray | None = None):
+    """`class_weights` [K]: each example's loss is scaled by its class's weight (reported losses are not)."""
     graphdef, tx = setup.graphdef, setup.tx
 
     def train_step(state: TrainState, batch: dict, sums: dict) -> tuple[TrainState, dict]:
@@ -190,7 +203,8 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
             with sharding.activation_rules(setup.mesh, setup.mesh_config):
                 logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
             losses = per_example_loss(logits, batch["label"], confidence_penalty) * batch["weight"]
-            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+            scaled = losses if class_weights is None else losses * jnp.asarray(class_weights)[batch["label"]]
+            loss = jnp.sum(scaled) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (logits, losses, rest)
 
@@ -320,12 +334,13 @@ CHOICES = {
     "model.dtype": lambda: sorted(models.DTYPES),
     "train.loss": lambda: ["softmax", "sigmoid"],
     "train.schedule": lambda: ["cosine", "linear", "constant"],
+    "train.class_weights": lambda: ["none", "balanced"],
     "model.bag_weights": lambda: ["uniform", "idf"],
     "model.bag_norm": lambda: ["l1", "l2"],
     "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
 }
 
-OPTIONAL = {"bag_weights", "bag_norm"}  # added later; the code defaults when absent
+OPTIONAL = {"class_weights", "bag_weights", "bag_norm"}  # added later; the code defaults when absent
 
 
 def check_config(cfg) -> None:
@@ -380,7 +395,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
 
-    train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0))
+    train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0),
+                                 class_weights(cfg, encoded["train"].labels, dataset.num_classes))
     predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
     step = int(state.step)
     writer.write(step, counts, kind="params")

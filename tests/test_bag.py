@@ -131,12 +131,13 @@ def test_bad_bag_options_fail_clearly():
         make_model(weights="idf", feature_weights=np.ones(3))
 
 
-def test_idf_training_saves_the_idf_in_the_checkpoint(tmp_path):
+def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_path):
     files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
     cfg = tiny_config(files, **{"model.name": "fasttext", "model.embed_dim": 16, "data.tokenizer.kind": "ngrams",
                                 "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 6,
                                 "checkpoint.best_metric": "macro_f1", "model.bag_weights": "idf",
-                                "model.bag_norm": "l2", "model.sublinear_tf": True})
+                                "model.bag_norm": "l2", "model.sublinear_tf": True,
+                                "train.class_weights": "balanced"})
     result = train.train_and_evaluate(cfg, tmp_path / "run")
     assert result["macro_f1"] > 0.9
     # A restored run builds the model with weights 1 and must get the IDF back from the checkpoint.
