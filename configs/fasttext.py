@@ -2,7 +2,9 @@
 
   python -m sentiment_jax.main --config=configs/fasttext.py:nusax --workdir=runs/fasttext_id   # NusaX-Senti
   python -m sentiment_jax.main --config=configs/fasttext.py --workdir=runs/fasttext            # IMDB
-Sub-word pieces let 500 training sentences cover words they never contain.
+Sub-word pieces let 500 training sentences cover words they never contain. On NusaX the
+embeddings are summed and divided by the 2-norm of the text's feature counts, as the
+l2-normalised count vectors a linear model would take.
 """
 
 from sentiment_jax.config_base import base_config, variant_data
@@ -23,4 +25,8 @@ def get_config(variant: str = "imdb"):
     c.data.bucket_width = 256
     if variant.startswith("nusax"):
         c.train.epochs = 15  # validation macro-F1 peaks at epochs 4-8 at this learning rate
+        # Sum divided by the 2-norm of the feature counts, not by their number: indonesian / english,
+        # seeds 0-2, validation macro-F1 78.27 / 79.88 against 76.62 / 75.89 for the mean and
+        # 76.95 / 79.04 with IDF weights as well (model.bag_weights = "idf").
+        c.model.bag_norm = "l2"
     return c

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
     m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
+    m.bag_weights = "uniform"  # fasttext: uniform | idf (inverse document frequency in the training split)
+    m.bag_norm = "l1"  # fasttext: divide the weighted sum of embeddings by the feature vector's l1 (mean) or l2 norm
+    m.sublinear_tf = False  # fasttext: a feature occurring k times in a text counts 1 + ln k
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # matmul/activation dtype (float32 | bfloat16); parameters, LSTM state stay float32
@@ -102,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.b2 = 0.999
     tr.grad_clip = 1.0  # global norm; 0 disables
     tr.loss = "softmax"  # softmax | sigmoid (binary, one logit)
+    tr.class_weights = "none"  # none | balanced (class c's loss scaled by n / (K n_c) over the train labels)
     tr.confidence_penalty = 0.0  # sigmoid: loss = bce - λ·mean|p - 0.5| (rewards confident predictions)
     tr.log_every = 20
 

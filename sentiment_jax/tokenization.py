@@ -184,6 +184,19 @@ def load(directory: str | pathlib.Path):
     return HFTokenizer(Tokenizer.from_file(str(directory / payload["file"])))
 
 
+def inverse_document_frequency(sequences: Sequence[np.ndarray], vocab_size: int) -> np.ndarray:
+    """Smoothed IDF per id, ln((1 + n) / (1 + df)) + 1 as scikit-learn's TfidfVectorizer, from n encoded texts.
+
+    An id that no text contains gets 0, not the largest weight: its embedding was never
+    trained, so a bag model should ignore it, as a linear model ignores words outside its vocabulary.
+    """
+    df = np.zeros(vocab_size, np.int64)
+    for seq in sequences:
+        df[np.unique(np.asarray(seq, np.int64))] += 1
+    idf = np.log((1.0 + len(sequences)) / (1.0 + df)) + 1.0
+    return np.where(df > 0, idf, 0.0).astype(np.float32)
+
+
 def pad(sequences: Sequence[np.ndarray], max_length: int, padding: str = "pre",
         truncation: str = "pre") -> tuple[np.ndarray, np.ndarray]:
     """Packs id sequences into an [N, max_length] array (pad id 0) and their lengths.

@@ -111,10 +111,12 @@ class Setup:
     mesh_config: Any = None  # for activation constraints (sharding.constrain)
 
 
-def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int) -> tuple[TrainState, Setup]:
+def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
+                 feature_weights: np.ndarray | None = None) -> tuple[TrainState, Setup]:
     """Initialises parameters directly into their shardings and the optimizer state beside them."""
     outputs = num_outputs(cfg, num_classes)
-    build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed))
+    build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed),
+                                       feature_weights=feature_weights)
     graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     param_sharding = sharding.state_shardings(abstract_params, mesh, cfg.mesh)
     rest_sharding = sharding.state_shardings(abstract_rest, mesh, cfg.mesh)
@@ -142,6 +144,16 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int)
     return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh), cfg.mesh)
 
 
+def idf_weights(cfg, split: input_pipeline.Encoded, vocab_size: int) -> np.ndarray | None:
+    """The bag model's fixed per-id weights (model.bag_weights 'idf'): IDF over the training texts as encoded
+    (after truncation). They are saved in every checkpoint, so eval and serving restore them."""
+    if cfg.model.name != "fasttext" or cfg.model.get("bag_weights", "uniform") != "idf":
+        return None
+    width = split.ids.shape[1]
+    texts = [row[:n] if cfg.data.padding == "post" else row[width - n:] for row, n in zip(split.ids, split.lengths)]
+    return tokenization.inverse_document_frequency(texts, vocab_size)
+
+
 def model_item(state: TrainState) -> dict:
     """What eval and serving need from a checkpoint."""
     return {"params": state.params, "rest": state.rest}
@@ -166,7 +178,20 @@ def zero_metrics(mesh) -> dict[str, jax.Array]:
     return {k: jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(mesh)) for k in METRIC_KEYS}
 
 
-def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
+def class_weights(cfg, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Per-class loss weights (train.class_weights): 'balanced' gives class c the weight n / (K n_c)
+    over the training labels, so every class contributes equally to the loss; 'none' gives None."""
+    if cfg.train.get("class_weights", "none") == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError(f"train.class_weights 'balanced': class(es) {np.flatnonzero(counts == 0).tolist()} "
+                         "have no training examples")
+    return (len(labels) / (num_classes * counts)).astype(np.float32)
+
+
+def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights: np.ndarray | None = None):
+    """`class_weights` [K]: each example's loss is scaled by its class's weight (reported losses are not)."""
     graphdef, tx = setup.graphdef, setup.tx
 
     def train_step(state: TrainState, batch: dict, sums: dict) -> tuple[TrainState, dict]:
@@ -178,7 +203,8 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0):
             with sharding.activation_rules(setup.mesh, setup.mesh_config):
                 logits = model(batch["ids"], batch["mask"], deterministic=False, rngs=nnx.Rngs(dropout=key))
             losses = per_example_loss(logits, batch["label"], confidence_penalty) * batch["weight"]
-            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+            scaled = losses if class_weights is None else losses * jnp.asarray(class_weights)[batch["label"]]
+            loss = jnp.sum(scaled) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (logits, losses, rest)
 
@@ -308,14 +334,21 @@ CHOICES = {
     "model.dtype": lambda: sorted(models.DTYPES),
     "train.loss": lambda: ["softmax", "sigmoid"],
     "train.schedule": lambda: ["cosine", "linear", "constant"],
+    "train.class_weights": lambda: ["none", "balanced"],
+    "model.bag_weights": lambda: ["uniform", "idf"],
+    "model.bag_norm": lambda: ["l1", "l2"],
     "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
 }
+
+OPTIONAL = {"class_weights", "bag_weights", "bag_norm"}  # added later; the code defaults when absent
 
 
 def check_config(cfg) -> None:
     """Fails in milliseconds, before any data is read, on a value that is not one of the choices."""
     for field, choices in CHOICES.items():
-        value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
+        value = functools.reduce(lambda c, k: c.get(k) if c is not None else None, field.split("."), cfg)
+        if value is None and field.split(".")[-1] in OPTIONAL:  # a run saved before the field existed
+            continue
         if value not in choices():
             raise ValueError(f"unknown {field} '{value}'; choose one of {choices()}")
     for field in ("train.epochs", "train.batch_size", "train.eval_batch_size", "data.max_length"):
@@ -336,7 +369,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     train_batches = make_batches(cfg, encoded["train"], train=True)
     steps_per_epoch = len(train_batches)
     total_steps = cfg.train.epochs * steps_per_epoch
-    state, setup = create_state(cfg, mesh, tokenizer.vocab_size, dataset.num_classes, total_steps)
+    state, setup = create_state(cfg, mesh, tokenizer.vocab_size, dataset.num_classes, total_steps,
+                                idf_weights(cfg, encoded["train"], tokenizer.vocab_size))
     counts = parameter_counts(state)
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -361,7 +395,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
 
-    train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0))
+    train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0),
+                                 class_weights(cfg, encoded["train"].labels, dataset.num_classes))
     predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
     step = int(state.step)
     writer.write(step, counts, kind="params")

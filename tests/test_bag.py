@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sentiment_jax import data as data_lib
 from sentiment_jax import tokenization, train
 from sentiment_jax.models import bag
 from helpers import padded, tiny_config
@@ -85,3 +86,66 @@ def test_saliency_names_every_ngram_feature():
     explanation = interpret.explain(runs.Restored(cfg, tok, model, ["neg", "pos"], 0, None, None), "superb film")
     assert explanation["words"] == [piece for piece, _ in tok.pieces("superb film")]
     assert len(explanation["saliency"]) == len(explanation["words"])
+
+
+def numpy_pool(model, ids, weights, norm, sublinear):
+    """TF-IDF-style pooling by hand: one feature vector v over distinct ids, then E^T v / |v|."""
+    ids = np.asarray(ids)
+    uniq, tf = np.unique(ids, return_counts=True)
+    v = (1 + np.log(tf) if sublinear else tf) * (weights[uniq] if weights is not None else 1.0)
+    z = np.abs(v).sum() if norm == "l1" else np.sqrt((v ** 2).sum())
+    return v @ np.asarray(model.embed.embedding[...], np.float64)[uniq] / z
+
+
+def test_inverse_document_frequency_by_hand():
+    texts = [np.array([2, 3, 3]), np.array([3, 4]), np.array([3])]
+    idf = tokenization.inverse_document_frequency(texts, 6)
+    # n = 3 texts; df(2) = 1, df(3) = 3, df(4) = 1; ids 0, 1, 5 occur in no text.
+    want = [0, 0, np.log(4 / 2) + 1, np.log(4 / 4) + 1, np.log(4 / 2) + 1, 0]
+    np.testing.assert_allclose(idf, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighting,norm,sublinear", [("idf", "l1", False), ("idf", "l2", False),
+                                                      ("uniform", "l2", True), ("idf", "l2", True)])
+def test_weighted_pooling_matches_numpy_and_ignores_padding(weighting, norm, sublinear):
+    weights = np.linspace(0.5, 2.0, 20).astype(np.float32)
+    weights[7] = 0.0  # a feature unseen in training adds nothing
+    model = bag.BagOfEmbeddings(vocab_size=20, num_outputs=3, embed_dim=6, weights=weighting, norm=norm,
+                                sublinear_tf=sublinear, feature_weights=weights if weighting == "idf" else None,
+                                rngs=nnx.Rngs(0))
+    tokens = TOKENS + [[4, 4, 4, 7, 9, 4], [5, 5]]  # repeated ids: tf > 1
+    p = lambda param: np.asarray(param[...], np.float64)
+    want = np.stack([numpy_pool(model, t, weights if weighting == "idf" else None, norm, sublinear)
+                     for t in tokens]) @ p(model.out.kernel) + p(model.out.bias)
+    for side in ("pre", "post"):
+        got = forward(model, *padded(tokens, 11, side, junk=4))  # junk equal to a real id must not count
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, err_msg=side)
+
+
+def test_bad_bag_options_fail_clearly():
+    with pytest.raises(ValueError, match="model.bag_weights"):
+        make_model(weights="tfidf")
+    with pytest.raises(ValueError, match="model.bag_norm"):
+        make_model(norm="max")
+    with pytest.raises(ValueError, match="shape"):
+        make_model(weights="idf", feature_weights=np.ones(3))
+
+
+def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_path):
+    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
+    cfg = tiny_config(files, **{"model.name": "fasttext", "model.embed_dim": 16, "data.tokenizer.kind": "ngrams",
+                                "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 6,
+                                "checkpoint.best_metric": "macro_f1", "model.bag_weights": "idf",
+                                "model.bag_norm": "l2", "model.sublinear_tf": True,
+                                "train.class_weights": "balanced"})
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    assert result["macro_f1"] > 0.9
+    # A restored run builds the model with weights 1 and must get the IDF back from the checkpoint.
+    from sentiment_jax import input_pipeline, runs
+
+    restored = runs.restore(tmp_path / "run")
+    train_split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer,
+                                        cfg.data)
+    want = train.idf_weights(cfg, train_split, restored.tokenizer.vocab_size)
+    assert want.max() > 1.5 and (want == 0).any()
+    np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)

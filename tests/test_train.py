@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config, write_dataset
-from sentiment_jax import checkpoints, input_pipeline, train
+from sentiment_jax import checkpoints, config_base, input_pipeline, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 def step_losses(workdir):
@@ -139,9 +139,20 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
     (["--config.model.hiden=3"], "unknown config field 'hiden'"),
     (["--config.model.name=lstmm"], "unknown model.name 'lstmm'; choose one of"),
     (["--config.data.name=csv"], "csv dataset needs --config.data.train_file"),
+    (["--config.train.class_weights=balance"], "unknown train.class_weights 'balance'; choose one of"),
 ])
 def test_cli_config_mistakes_are_one_line_errors(tmp_path, args, message):
     out = run_cli(f"--workdir={tmp_path}", "--config=configs/lstm.py", *args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_balanced_class_weights_by_hand():
+    cfg = config_base.base_config()
+    assert train.class_weights(cfg, np.array([0, 1]), 2) is None
+    cfg.train.class_weights = "balanced"
+    # 6 labels, 3 classes with 3 / 1 / 2 examples: n / (K n_c) = 6/9, 6/3, 6/6.
+    np.testing.assert_allclose(train.class_weights(cfg, np.array([0, 0, 0, 1, 2, 2]), 3), [2 / 3, 2, 1], rtol=1e-6)
+    with pytest.raises(ValueError, match="no training examples"):
+        train.class_weights(cfg, np.array([0, 0]), 3)

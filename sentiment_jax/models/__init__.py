@@ -45,10 +45,12 @@ def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
         rngs=rngs)
 
 
-def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs, feature_weights=None) -> nnx.Module:
     return bag.BagOfEmbeddings(vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim,
                                head_sizes=tuple(cfg.head_sizes), dropout=cfg.dropout,
-                               embed_dropout=cfg.embed_dropout, rngs=rngs)
+                               embed_dropout=cfg.embed_dropout, weights=cfg.get("bag_weights", "uniform"),
+                               norm=cfg.get("bag_norm", "l1"), sublinear_tf=cfg.get("sublinear_tf", False),
+                               feature_weights=feature_weights, rngs=rngs)
 
 
 def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -65,9 +67,13 @@ MODELS: dict[str, Callable] = {
 }
 
 
-def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs, feature_weights=None) -> nnx.Module:
+    """`feature_weights` [vocab_size]: the fasttext model's fixed weights with model.bag_weights 'idf'
+    (train.idf_weights); None when a checkpoint will provide them."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model '{cfg.name}'; choose one of {sorted(MODELS)}")
     if cfg.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"unknown model.dtype '{cfg.dtype}'; choose one of {sorted(DTYPES)}")
+    if feature_weights is not None:
+        return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs, feature_weights=feature_weights)
     return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs)

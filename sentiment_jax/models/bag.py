@@ -5,6 +5,12 @@ word n-grams, so the model sees sub-word pieces without any recurrence: cheap, a
 to overfit on a few hundred sentences. Word order enters only through the word n-grams.
 Feature dropout (`embed_dropout`) removes whole features from the average during
 training, a bag's form of word dropout.
+
+The average can be weighted as TF-IDF weights a linear model's inputs: `weights="idf"`
+scales each feature by its inverse document frequency in the training split (fixed
+`FeatureWeights`, saved in the checkpoint beside the parameters), `sublinear_tf` counts a
+feature seen k times in one text as 1 + ln k, and `norm="l2"` divides the weighted sum by
+the Euclidean norm of the text's feature vector instead of its sum (`"l1"`, the mean).
 """
 
 from __future__ import annotations
@@ -13,18 +19,48 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sentiment_jax.models.pooling import masked_pool
 
 
+class FeatureWeights(nnx.Variable):
+    """A fixed weight per feature id (e.g. IDF of the training split): in the model state, never trained."""
+
+
+def term_frequencies(ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T] int32: how often each real position's id occurs among the real positions of its row; 0 on padding."""
+    keys = jnp.where(mask, ids, -1)  # ids are >= 0, so padding never matches a real id
+    ordered = jnp.sort(keys, axis=-1)
+    count = jax.vmap(lambda row, k: jnp.searchsorted(row, k, "right") - jnp.searchsorted(row, k, "left"))
+    return jnp.where(mask, count(ordered, keys), 0).astype(jnp.int32)
+
+
 class BagOfEmbeddings(nnx.Module):
-    """Embedding -> masked mean over features -> (dropout, Linear, ReLU) per head size -> dropout -> logits."""
+    """Embedding -> weighted, normalised sum over features -> (dropout, Linear, ReLU) per head size -> dropout -> logits.
+
+    Feature vector v of a text: v_f = tf(f) (or 1 + ln tf(f) with `sublinear_tf`) times w_f, with
+    w_f = 1 (`weights="uniform"`) or the id's entry of `feature_weights` (`"idf"`). The pooled
+    vector is sum_f v_f E_f / |v|, the 1-norm (`norm="l1"`; uniform weights: the plain mean) or the 2-norm.
+    """
 
     def __init__(self, *, vocab_size: int, num_outputs: int, embed_dim: int = 64, head_sizes: Sequence[int] = (),
-                 dropout: float = 0.0, embed_dropout: float = 0.0, rngs: nnx.Rngs):
+                 dropout: float = 0.0, embed_dropout: float = 0.0, weights: str = "uniform", norm: str = "l1",
+                 sublinear_tf: bool = False, feature_weights: np.ndarray | None = None, rngs: nnx.Rngs):
         if not 0.0 <= embed_dropout < 1.0:
             raise ValueError(f"model.embed_dropout must be in [0, 1), got {embed_dropout}")
+        if weights not in ("uniform", "idf"):
+            raise ValueError(f"unknown model.bag_weights '{weights}'; choose 'uniform' or 'idf'")
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"unknown model.bag_norm '{norm}'; choose 'l1' or 'l2'")
+        if feature_weights is not None and np.shape(feature_weights) != (vocab_size,):
+            raise ValueError(f"feature_weights must have shape ({vocab_size},), got {np.shape(feature_weights)}")
+        self.weights, self.norm, self.sublinear_tf = weights, norm, bool(sublinear_tf)
+        if weights == "idf":  # None: ones, for a model whose state is then restored from a checkpoint
+            self.feature_weights = FeatureWeights(
+                jnp.ones(vocab_size, jnp.float32) if feature_weights is None
+                else jnp.asarray(feature_weights, jnp.float32), out_sharding=("vocab",))
         dense = lambda i, o, axes: nnx.Linear(i, o, rngs=rngs, kernel_init=nnx.with_partitioning(
             nnx.initializers.lecun_normal(), axes))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs, embedding_init=nnx.with_partitioning(
@@ -42,8 +78,22 @@ class BagOfEmbeddings(nnx.Module):
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         if not deterministic and self.feature_dropout:
             mask = mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= self.feature_dropout)
-        x = masked_pool(self.embed(ids), mask, "mean")
+        x = self.pool(self.embed(ids), ids, mask)
         for dense in self.head:
             x = jax.nn.relu(dense(self.dropout(x, deterministic=deterministic, rngs=rngs)))
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
         return self.out(x).astype(jnp.float32)
+
+    def pool(self, embedded: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, T, D] embeddings of the real positions of `mask` -> [B, D]; an empty bag pools to zeros."""
+        if self.weights == "uniform" and self.norm == "l1" and not self.sublinear_tf:
+            return masked_pool(embedded, mask, "mean")
+        w = jnp.where(mask, self.feature_weights[...][ids] if self.weights == "idf" else 1.0, 0.0)
+        if self.sublinear_tf or self.norm == "l2":
+            tf = jnp.maximum(term_frequencies(ids, mask), 1).astype(jnp.float32)
+        if self.sublinear_tf:  # each of tf occurrences carries (1 + ln tf) / tf of the feature's weight
+            w = w * (1.0 + jnp.log(tf)) / tf
+        # |v|_1 = sum over positions of w; |v|_2^2 = sum_f (tf_f w_f)^2 = sum over positions of w^2 tf.
+        z = jnp.sum(w, -1) if self.norm == "l1" else jnp.sqrt(jnp.sum(w * w * tf, -1))
+        pooled = jnp.einsum("bt,btd->bd", w.astype(embedded.dtype), embedded)
+        return pooled / jnp.maximum(z, jnp.finfo(jnp.float32).tiny)[:, None].astype(embedded.dtype)
