@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
     m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
+    m.word_dropout = 0.0  # recurrent: the fraction of tokens whose whole embedding is zeroed in training
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # compute dtype; parameters stay float32
