@@ -3,6 +3,7 @@
   python -m sentiment_jax.main --config=configs/bilstm_attention.py --workdir=runs/bilstm_attention
   python -m sentiment_jax.main --config=configs/bilstm_attention.py:nusax --workdir=runs/bilstm_attention_id
 Single-logit sigmoid/BCE output instead of 2-way softmax (binary data only): --config.train.loss=sigmoid.
+About 1.25x faster on CPU, same accuracy in one IMDB run each (88.27% vs 88.12%): --config.model.dtype=bfloat16.
 """
 
 from sentiment_jax.config_base import base_config, variant_data
@@ -18,4 +19,9 @@ def get_config(variant: str = "imdb"):
     c.model.attention_dim = 64
     c.model.dropout = 0.3
     c.data.bucket_width = 50
+    if not variant.startswith("nusax"):
+        # IMDB: three runs at 88.12-88.27% test (validation 89.0-89.4%) against 87.95% with 0.25 and 3 epochs,
+        # without the epoch-2 dip (docs/benchmarks.md, Model zoo). NusaX keeps its measured settings.
+        c.model.embed_dropout = 0.4
+        c.train.epochs = 4
     return variant_data(c, variant, "configs/bilstm_attention.py")

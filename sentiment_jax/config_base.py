@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.bag_weights = "uniform"  # fasttext: uniform | idf (inverse document frequency in the training split)
     m.bag_norm = "l1"  # fasttext: divide the weighted sum of embeddings by the feature vector's l1 (mean) or l2 norm
     m.sublinear_tf = False  # fasttext: a feature occurring k times in a text counts 1 + ln k
+    m.word_dropout = 0.0  # recurrent: the fraction of tokens whose whole embedding is zeroed in training
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
     m.dtype = "float32"  # matmul/activation dtype (float32 | bfloat16); parameters, LSTM state stay float32

@@ -29,7 +29,7 @@ def _recurrent(cell: str) -> Callable:
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
             bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
             pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
-            head_sizes=tuple(cfg.head_sizes), attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
+            word_dropout=cfg.get("word_dropout", 0.0), head_sizes=tuple(cfg.head_sizes), attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
             dtype=DTYPES[cfg.dtype], rngs=rngs)
     return build
 

@@ -276,7 +276,7 @@ class RecurrentClassifier(nnx.Module):
     def __init__(self, *, vocab_size: int, num_outputs: int, cell: str = "lstm", embed_dim: int = 128,
                  hidden_sizes: Sequence[int] = (128,), bidirectional: bool | Sequence[bool] = True,
                  pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
-                 head_sizes: Sequence[int] = (), attention_dim: int = 64, unroll: int = 1, dtype=jnp.float32,
+                 word_dropout: float = 0.0, head_sizes: Sequence[int] = (), attention_dim: int = 64, unroll: int = 1, dtype=jnp.float32,
                  rngs: nnx.Rngs):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
@@ -300,6 +300,8 @@ class RecurrentClassifier(nnx.Module):
         self.pooling = pooling
         self.attention = AttentionPool(width, attention_dim, rngs=rngs) if pooling == "attention" else None
         self.embed_dropout = nnx.Dropout(embed_dropout)
+        # Whole tokens: one draw per position, shared by all embedding dimensions.
+        self.word_dropout = nnx.Dropout(word_dropout, broadcast_dims=(2,))
         self.dropout = nnx.Dropout(dropout)
         width *= 2 if pooling == "mean_max" else 1
         head = []
@@ -316,6 +318,7 @@ class RecurrentClassifier(nnx.Module):
         """The last layer's (final state [B, D], outputs [B, T, D])."""
         # Batch-sharded from here on, whatever layout the embedding table has (e.g. FSDP rows).
         x = sharding.constrain(self.embed(ids).astype(self.dtype), ("batch", None, None))
+        x = self.word_dropout(x, deterministic=deterministic, rngs=rngs)
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         final = None
         for i, layer in enumerate(self.layers):
