@@ -14,7 +14,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())  # the peers' directory: the bench starts contenders there
-import torch_lstm  # noqa: E402
+try:
+    import torch_lstm  # noqa: E402
+except ImportError:
+    sys.exit(f"torch_autocast_peer: no torch_lstm.py in {os.getcwd()}; run it from ../shared/bench/peers")
 
 _plain_step = torch_lstm.train_step
 

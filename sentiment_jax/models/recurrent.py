@@ -155,8 +155,9 @@ def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
 # contiguous. The bias is added inside the step, where it fuses with the gate math.
 #
 # Mixed precision: the matmul operands take x's dtype (bfloat16 doubles GEMM speed on CPUs
-# with AVX512-BF16 and on TPUs) and accumulate in float32; gates, cell state and every
-# gradient stay float32, and the weights come in as float32 so their gradients do too.
+# with AVX512-BF16 and on TPUs) and accumulate in float32. Gates, cell state and the carried
+# cotangents stay float32; the weights come in as float32, so their gradients do too. Only
+# the input's cotangent takes x's dtype, as JAX requires.
 
 
 def _matmul(a, b):
@@ -276,8 +277,8 @@ class RecurrentClassifier(nnx.Module):
     def __init__(self, *, vocab_size: int, num_outputs: int, cell: str = "lstm", embed_dim: int = 128,
                  hidden_sizes: Sequence[int] = (128,), bidirectional: bool | Sequence[bool] = True,
                  pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
-                 word_dropout: float = 0.0, head_sizes: Sequence[int] = (), attention_dim: int = 64, unroll: int = 1, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 word_dropout: float = 0.0, head_sizes: Sequence[int] = (), attention_dim: int = 64,
+                 unroll: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
         if pooling not in POOLINGS:
