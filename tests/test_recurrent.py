@@ -102,8 +102,9 @@ def test_bad_model_config_names_the_field():
         make_classifier("median")
 
 
-def test_dropout_is_active_only_in_training():
-    model = make_classifier("mean", dropout=0.5, embed_dropout=0.5)
+@pytest.mark.parametrize("rates", [{"dropout": 0.5, "embed_dropout": 0.5}, {"word_dropout": 0.5}])
+def test_dropout_is_active_only_in_training(rates):
+    model = make_classifier("mean", **rates)
     ids = jnp.asarray(np.arange(2, 12).reshape(2, 5))
     mask = jnp.ones_like(ids, bool)
     a = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(0)))
@@ -112,20 +113,14 @@ def test_dropout_is_active_only_in_training():
     np.testing.assert_allclose(model(ids, mask), model(ids, mask))
 
 
-
-def test_word_dropout_drops_whole_tokens_in_training_only():
+def test_word_dropout_drops_whole_tokens():
     model = make_classifier("mean", word_dropout=0.5)
     x = jnp.ones((4, 30, 8))
     y = np.asarray(model.word_dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(0))))
     dropped = (y == 0).all(-1)
     assert ((y == 0) | (y == 2.0)).all() and (dropped == (y == 0).any(-1)).all()  # a token is all in or all out
     assert 0.2 < dropped.mean() < 0.8
-    ids = jnp.asarray(np.arange(2, 12).reshape(2, 5))
-    mask = jnp.ones_like(ids, bool)
-    a = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(0)))
-    b = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(1)))
-    assert not np.allclose(a, b)
-    np.testing.assert_allclose(model(ids, mask), model(ids, mask))
+
 
 def reference_layer(layer, x, mask):
     """The same layer through the generic scan and JAX's own autodiff: two separate directions."""
