@@ -115,15 +115,17 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
                  feature_weights: np.ndarray | None = None) -> tuple[TrainState, Setup]:
     """Initialises parameters directly into their shardings and the optimizer state beside them."""
     outputs = num_outputs(cfg, num_classes)
-    build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed),
-                                       feature_weights=feature_weights)
+    build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed))
     graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     param_sharding = sharding.state_shardings(abstract_params, mesh, cfg.mesh)
     rest_sharding = sharding.state_shardings(abstract_rest, mesh, cfg.mesh)
 
     @functools.partial(jax.jit, out_shardings=(param_sharding, rest_sharding))
     def init():
-        _, params, rest = nnx.split(build(), nnx.Param, ...)
+        model = build()
+        if feature_weights is not None:  # fixed data statistics (idf_weights), not initialised parameters
+            model.feature_weights[...] = jnp.asarray(feature_weights, jnp.float32)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
         return params, rest
 
     params, rest = init()

@@ -29,7 +29,8 @@ def _recurrent(cell: str) -> Callable:
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
             bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
             pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
-            word_dropout=cfg.get("word_dropout", 0.0), head_sizes=tuple(cfg.head_sizes), attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
+            word_dropout=cfg.get("word_dropout", 0.0), head_sizes=tuple(cfg.head_sizes),
+            attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
             dtype=DTYPES[cfg.dtype], rngs=rngs)
     return build
 
@@ -45,12 +46,12 @@ def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
         rngs=rngs)
 
 
-def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs, feature_weights=None) -> nnx.Module:
+def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     return bag.BagOfEmbeddings(vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim,
                                head_sizes=tuple(cfg.head_sizes), dropout=cfg.dropout,
                                embed_dropout=cfg.embed_dropout, weights=cfg.get("bag_weights", "uniform"),
                                norm=cfg.get("bag_norm", "l1"), sublinear_tf=cfg.get("sublinear_tf", False),
-                               feature_weights=feature_weights, rngs=rngs)
+                               rngs=rngs)
 
 
 def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -67,13 +68,9 @@ MODELS: dict[str, Callable] = {
 }
 
 
-def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs, feature_weights=None) -> nnx.Module:
-    """`feature_weights` [vocab_size]: the fasttext model's fixed weights with model.bag_weights 'idf'
-    (train.idf_weights); None when a checkpoint will provide them."""
+def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model '{cfg.name}'; choose one of {sorted(MODELS)}")
     if cfg.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"unknown model.dtype '{cfg.dtype}'; choose one of {sorted(DTYPES)}")
-    if feature_weights is not None:
-        return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs, feature_weights=feature_weights)
     return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs)

@@ -57,7 +57,7 @@ class BagOfEmbeddings(nnx.Module):
         if feature_weights is not None and np.shape(feature_weights) != (vocab_size,):
             raise ValueError(f"feature_weights must have shape ({vocab_size},), got {np.shape(feature_weights)}")
         self.weights, self.norm, self.sublinear_tf = weights, norm, bool(sublinear_tf)
-        if weights == "idf":  # None: ones, for a model whose state is then restored from a checkpoint
+        if weights == "idf":  # None: ones, until train.create_state or a checkpoint fills them
             self.feature_weights = FeatureWeights(
                 jnp.ones(vocab_size, jnp.float32) if feature_weights is None
                 else jnp.asarray(feature_weights, jnp.float32), out_sharding=("vocab",))
