@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.word_dropout = 0.0  # recurrent: the fraction of tokens whose whole embedding is zeroed in training
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
+    m.lstm_backend = "scan"  # scan | cudnn (LSTM on CUDA GPUs, float32; other platforms fall back to the scan)
     m.dtype = "float32"  # matmul/activation dtype (float32 | bfloat16); parameters, LSTM state stay float32
 
     # A frozen pretrained encoder whose features feed the model when data.inputs = "backbone_features".

@@ -119,6 +119,20 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(P(*logical), mesh, cfg))
 
 
+def map_batch_shards(fn, replicated, *batched):
+    """fn(replicated, *batched) run on each device's rows of the batch-leading `batched` arrays.
+
+    For ops the compiler cannot partition itself (custom calls such as cuDNN's LSTM), which
+    it would otherwise run on the gathered global batch. Plain call outside `activation_rules`.
+    """
+    if not _ACTIVE:
+        return fn(replicated, *batched)
+    mesh, cfg = _ACTIVE[-1]
+    rows = P(tuple(cfg.data_axes))
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (rows,) * len(batched), out_specs=rows)(
+        replicated, *batched)
+
+
 def batch_sharding(mesh: Mesh, cfg) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel mesh axes."""
     return NamedSharding(mesh, P(tuple(cfg.data_axes)))

@@ -334,6 +334,7 @@ CHOICES = {
     "data.tokenizer.kind": lambda: ["word", "ngrams", "huggingface"],
     "model.name": lambda: sorted(models.MODELS),
     "model.dtype": lambda: sorted(models.DTYPES),
+    "model.lstm_backend": lambda: list(models.recurrent.BACKENDS),
     "train.loss": lambda: ["softmax", "sigmoid"],
     "train.schedule": lambda: ["cosine", "linear", "constant"],
     "train.class_weights": lambda: ["none", "balanced"],
@@ -342,7 +343,7 @@ CHOICES = {
     "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
 }
 
-OPTIONAL = {"class_weights", "bag_weights", "bag_norm"}  # added later; the code defaults when absent
+OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend"}  # added later; the code defaults when absent
 
 
 def check_config(cfg) -> None:

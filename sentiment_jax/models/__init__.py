@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from sentiment_jax.models import bag, heads, recurrent, transformer
@@ -24,13 +26,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _recurrent(cell: str) -> Callable:
     def build(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+        backend = cfg.get("lstm_backend", "scan")
+        if backend == "cudnn" and cell == "lstm" and not recurrent.cudnn_available():
+            # The same config runs everywhere; the scan computes the same function.
+            logging.warning("model.lstm_backend 'cudnn' needs a CUDA GPU; using the scan on %s", jax.default_backend())
+            backend = "scan"
         return recurrent.RecurrentClassifier(
             vocab_size=vocab_size, num_outputs=num_outputs, cell=cell,
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
             bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
             pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
             word_dropout=cfg.get("word_dropout", 0.0), head_sizes=tuple(cfg.head_sizes),
-            attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll,
+            attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll, backend=backend,
             dtype=DTYPES[cfg.dtype], rngs=rngs)
     return build
 

@@ -8,6 +8,9 @@ sequences is needed, and padding can never change a prediction.
 The input projection `x @ W_x` of every time step is one large matmul outside the scan;
 only `h @ W_h` stays inside. Gate order follows PyTorch (LSTM: i, f, g, o;
 GRU: r, z, n) so weights can be compared one to one.
+
+On GPUs an LSTM layer can instead run cuDNN's fused kernel (`lstm_backend="cudnn"`, see
+`cudnn_layer`); the scan stays the path every platform has and the one it is tested against.
 """
 
 from __future__ import annotations
@@ -248,18 +251,82 @@ def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
 _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 
 
+# ---------------------------------------------------------------------------------------
+# cuDNN path: one fused kernel call per layer (jax.experimental.rnn, CUDA GPUs only).
+#
+# cuDNN wants each row's tokens to start at position 0 and a length per row. Rows are
+# rotated so their real tokens come first (either padding side works), run, and rotated
+# back; padded outputs are zeroed, as the scan does. The kernel only exists on GPUs, so
+# tests run this wrapper with JAX's reference implementation of the same kernel in its place.
+
+BACKENDS = ("scan", "cudnn")
+
+
+def cudnn_available() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _cudnn_kernel(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):
+    from jax.experimental import rnn
+
+    return rnn.lstm(x, h0, c0, weights, lengths, input_size=input_size, hidden_size=hidden_size,
+                    num_layers=1, dropout=0.0, bidirectional=bidirectional)
+
+
+def cudnn_weights(cells: Sequence[LSTMCell]) -> jax.Array:
+    """Flat float32 weights in cuDNN's order: each direction's W_ih [4H, in] and W_hh [4H, H], then
+    each direction's b_ih and b_hh (zeros: our one bias already sums the two)."""
+    kernels = [w for c in cells for w in (c.input_kernel[...].T, c.recurrent_kernel[...].T)]
+    biases = [b for c in cells for b in (c.bias[...], jnp.zeros_like(c.bias[...]))]
+    return jnp.concatenate([a.reshape(-1) for a in kernels + biases]).astype(jnp.float32)
+
+
+def _rotate(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Row b of x [B, T, ...] rotated left by shift[b] steps."""
+    index = (jnp.arange(x.shape[1])[None] + shift[:, None]) % x.shape[1]
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def cudnn_layer(weights: jax.Array, x: jax.Array, mask: jax.Array, *, hidden: int, bidirectional: bool,
+                kernel=None) -> tuple[jax.Array, jax.Array]:
+    """One layer (flat `cudnn_weights`) as one cuDNN call in float32: (final [B, D], outputs [B, T, D]).
+
+    Same results as the scan for any mask whose real tokens are contiguous in each row, which is
+    what the input pipeline makes. `kernel` stands in for cuDNN in tests.
+    """
+    kernel = kernel or _cudnn_kernel
+    lengths = mask.sum(axis=1, dtype=jnp.int32)
+    start = jnp.argmax(mask, axis=1)  # first real token; 0 for post-padding
+    # zeros_like, not zeros: inside shard_map the initial state must vary over devices like x.
+    zeros = jnp.zeros_like(x, jnp.float32, shape=(1 + bidirectional, x.shape[0], hidden))
+    outputs, h_n, _ = kernel(_rotate(x.astype(jnp.float32), start), zeros, zeros, weights, jnp.maximum(lengths, 1),
+                             input_size=x.shape[-1], hidden_size=hidden, bidirectional=bidirectional)
+    outputs = jnp.where(mask[..., None], _rotate(outputs, -start), 0)
+    final = jnp.where(lengths[:, None] > 0, jnp.concatenate(list(h_n), axis=-1), 0)
+    return final.astype(x.dtype), outputs.astype(x.dtype)
+
+
 class RecurrentLayer(nnx.Module):
     """One uni- or bidirectional layer; outputs concatenate [forward, backward] features."""
 
     def __init__(self, cell: str, in_features: int, hidden: int, bidirectional: bool,
-                 *, unroll: int = 1, rngs: nnx.Rngs):
+                 *, unroll: int = 1, backend: str = "scan", rngs: nnx.Rngs):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown lstm_backend '{backend}'; choose one of {list(BACKENDS)}")
+        if backend == "cudnn" and cell != "lstm":
+            raise ValueError(f"lstm_backend 'cudnn' runs LSTM cells only, not '{cell}'; use 'scan'")
         self.forward = CELLS[cell](in_features, hidden, rngs=rngs)
         self.backward = CELLS[cell](in_features, hidden, rngs=rngs) if bidirectional else None
-        self.unroll = unroll
+        self.unroll, self.backend = unroll, backend
         self.out_features = hidden * (2 if bidirectional else 1)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (final state [B, D], outputs [B, T, D])."""
+        if self.backend == "cudnn":
+            cells = [c for c in (self.forward, self.backward) if c is not None]
+            run = functools.partial(cudnn_layer, hidden=self.forward.hidden, bidirectional=len(cells) == 2)
+            # A custom call the compiler cannot split by batch: run it on each device's rows.
+            return sharding.map_batch_shards(run, cudnn_weights(cells), x, mask)
         final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
         if self.backward is not None:
             final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)
@@ -278,7 +345,7 @@ class RecurrentClassifier(nnx.Module):
                  hidden_sizes: Sequence[int] = (128,), bidirectional: bool | Sequence[bool] = True,
                  pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
                  word_dropout: float = 0.0, head_sizes: Sequence[int] = (), attention_dim: int = 64,
-                 unroll: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+                 unroll: int = 1, backend: str = "scan", dtype=jnp.float32, rngs: nnx.Rngs):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
         if pooling not in POOLINGS:
@@ -295,7 +362,7 @@ class RecurrentClassifier(nnx.Module):
             nnx.initializers.normal(0.1), ("vocab", "embed")))
         layers, width = [], embed_dim
         for hidden, bi in zip(hidden_sizes, directions):
-            layers.append(RecurrentLayer(cell, width, hidden, bi, unroll=unroll, rngs=rngs))
+            layers.append(RecurrentLayer(cell, width, hidden, bi, unroll=unroll, backend=backend, rngs=rngs))
             width = layers[-1].out_features
         self.layers = nnx.List(layers)
         self.pooling = pooling
