@@ -197,6 +197,23 @@ def inverse_document_frequency(sequences: Sequence[np.ndarray], vocab_size: int)
     return np.where(df > 0, idf, 0.0).astype(np.float32)
 
 
+def log_count_ratios(sequences: Sequence[np.ndarray], labels: Sequence[int], vocab_size: int, num_classes: int,
+                     alpha: float = 1.0) -> np.ndarray:
+    """[vocab_size, num_classes] Naive Bayes log-count ratio of each id for each class against the others.
+
+    As NBSVM (Wang and Manning, 2012) on binary features: with p = alpha + the number of texts of
+    the class that contain the id and q = alpha + that number for the other texts, r = ln(p / |p|_1)
+    - ln(q / |q|_1), the norms summing over ids. Ids that no text contains get 0.
+    """
+    counts = np.zeros((vocab_size, num_classes), np.float64)
+    for seq, label in zip(sequences, labels):
+        counts[np.unique(np.asarray(seq, np.int64)), label] += 1
+    p = alpha + counts
+    q = alpha + counts.sum(1, keepdims=True) - counts
+    ratios = np.log(p / p.sum(0)) - np.log(q / q.sum(0))
+    return np.where(counts.sum(1, keepdims=True) > 0, ratios, 0.0).astype(np.float32)
+
+
 def pad(sequences: Sequence[np.ndarray], max_length: int, padding: str = "pre",
         truncation: str = "pre") -> tuple[np.ndarray, np.ndarray]:
     """Packs id sequences into an [N, max_length] array (pad id 0) and their lengths.

@@ -123,7 +123,7 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
     @functools.partial(jax.jit, out_shardings=(param_sharding, rest_sharding))
     def init():
         model = build()
-        if feature_weights is not None:  # fixed data statistics (idf_weights), not initialised parameters
+        if feature_weights is not None:  # fixed data statistics (fixed_feature_weights), not initialised parameters
             model.feature_weights[...] = jnp.asarray(feature_weights, jnp.float32)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return params, rest
@@ -146,14 +146,19 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
     return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh), cfg.mesh)
 
 
-def idf_weights(cfg, split: input_pipeline.Encoded, vocab_size: int) -> np.ndarray | None:
-    """The bag model's fixed per-id weights (model.bag_weights 'idf'): IDF over the training texts as encoded
-    (after truncation). They are saved in every checkpoint, so eval and serving restore them."""
-    if cfg.model.name != "fasttext" or cfg.model.get("bag_weights", "uniform") != "idf":
+def fixed_feature_weights(cfg, split: input_pipeline.Encoded, vocab_size: int, num_classes: int) -> np.ndarray | None:
+    """The per-id statistics of the training texts as encoded (after truncation) that some models keep fixed:
+    IDF for the bag model with model.bag_weights 'idf', NB log-count ratios for nb_linear. They are saved in
+    every checkpoint, so eval and serving restore them."""
+    name = cfg.model.name
+    if not (name == "nb_linear" or (name == "fasttext" and cfg.model.get("bag_weights", "uniform") == "idf")):
         return None
     width = split.ids.shape[1]
     texts = [row[:n] if cfg.data.padding == "post" else row[width - n:] for row, n in zip(split.ids, split.lengths)]
-    return tokenization.inverse_document_frequency(texts, vocab_size)
+    if name == "fasttext":
+        return tokenization.inverse_document_frequency(texts, vocab_size)
+    ratios = tokenization.log_count_ratios(texts, split.labels, vocab_size, num_classes)
+    return ratios[:, -num_outputs(cfg, num_classes):]  # one sigmoid output scores the last (positive) class
 
 
 def model_item(state: TrainState) -> dict:
@@ -373,7 +378,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     steps_per_epoch = len(train_batches)
     total_steps = cfg.train.epochs * steps_per_epoch
     state, setup = create_state(cfg, mesh, tokenizer.vocab_size, dataset.num_classes, total_steps,
-                                idf_weights(cfg, encoded["train"], tokenizer.vocab_size))
+                                fixed_feature_weights(cfg, encoded["train"], tokenizer.vocab_size,
+                                                      dataset.num_classes))
     counts = parameter_counts(state)
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)

@@ -146,6 +146,49 @@ def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_pat
     restored = runs.restore(tmp_path / "run")
     train_split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer,
                                         cfg.data)
-    want = train.idf_weights(cfg, train_split, restored.tokenizer.vocab_size)
+    want = train.fixed_feature_weights(cfg, train_split, restored.tokenizer.vocab_size, 3)
     assert want.max() > 1.5 and (want == 0).any()
+    np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)
+
+
+def test_log_count_ratios_by_hand():
+    texts = [np.array([2, 3, 3]), np.array([3, 4]), np.array([4])]
+    r = tokenization.log_count_ratios(texts, [0, 1, 1], 6, 2, alpha=1.0)
+    # Presence counts per class: id 2 (1, 0), id 3 (1, 1), id 4 (0, 2); ids 0, 1, 5 occur in no text.
+    # Class 0: p = 1 + (0, 0, 1, 1, 0, 0), q = 1 + (0, 0, 0, 1, 2, 0); |p| = 8, |q| = 9.
+    p0, q0 = np.array([1, 1, 2, 2, 1, 1]) / 8, np.array([1, 1, 1, 2, 3, 1]) / 9
+    want0 = np.where([0, 0, 1, 1, 1, 0], np.log(p0 / q0), 0)
+    np.testing.assert_allclose(r[:, 0], want0, rtol=1e-6)
+    np.testing.assert_allclose(r[:, 1], np.where([0, 0, 1, 1, 1, 0], np.log(q0 / p0), 0), rtol=1e-6)
+
+
+def test_nb_linear_matches_numpy_and_ignores_padding_and_repeats():
+    rng = np.random.default_rng(0)
+    ratios = rng.normal(size=(20, 3)).astype(np.float32)
+    model = bag.NBLinear(vocab_size=20, num_outputs=3, rngs=nnx.Rngs(0))
+    model.feature_weights[...] = ratios
+    model.kernel[...] = rng.normal(size=(20, 3)).astype(np.float32)
+    model.bias[...] = np.array([0.1, -0.2, 0.3], np.float32)
+    tokens = TOKENS + [[4, 4, 4, 7, 9, 4], [5, 5]]
+    w = np.asarray(model.kernel[...], np.float64) * ratios
+    want = np.stack([w[sorted(set(t))].sum(0) for t in tokens]) + [0.1, -0.2, 0.3]  # each distinct feature once
+    for side in ("pre", "post"):
+        got = forward(model, *padded(tokens, 11, side, junk=4))
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, err_msg=side)
+
+
+def test_nb_linear_trains_and_restores_its_ratios(tmp_path):
+    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
+    cfg = tiny_config(files, **{"model.name": "nb_linear", "data.tokenizer.kind": "ngrams",
+                                "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 3,
+                                "train.learning_rate": 0.05, "checkpoint.best_metric": "macro_f1"})
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    assert result["macro_f1"] > 0.9
+    from sentiment_jax import input_pipeline, runs
+
+    restored = runs.restore(tmp_path / "run")
+    train_split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer,
+                                        cfg.data)
+    want = train.fixed_feature_weights(cfg, train_split, restored.tokenizer.vocab_size, 3)
+    assert want.shape == (restored.tokenizer.vocab_size, 3) and np.abs(want).max() > 1
     np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)

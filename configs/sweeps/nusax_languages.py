@@ -2,6 +2,7 @@
 
   python -m sentiment_jax.sweep --sweep=configs/sweeps/nusax_languages.py:fasttext --workdir=runs/nusax_fasttext
   python -m sentiment_jax.sweep --sweep=configs/sweeps/nusax_languages.py:transformer --workdir=runs/nusax_transformer
+  python -m sentiment_jax.sweep --sweep=configs/sweeps/nusax_languages.py:nb_linear --workdir=runs/nusax_nb_linear
 
 The preset names a model config (`configs/PRESET.py`, its `nusax` variant). Each run keeps
 its best-validation-macro-F1 checkpoint and reports test macro-F1 from it.

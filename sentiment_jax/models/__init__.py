@@ -61,6 +61,10 @@ def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
                                rngs=rngs)
 
 
+def _nb_linear(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    return bag.NBLinear(vocab_size=vocab_size, num_outputs=num_outputs, feature_dropout=cfg.embed_dropout, rngs=rngs)
+
+
 def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     return heads.FeatureMLP(vocab_size, tuple(cfg.head_sizes), num_outputs, dropout=cfg.dropout, rngs=rngs)
 
@@ -68,6 +72,7 @@ def _feature_mlp(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
 MODELS: dict[str, Callable] = {
     "fasttext": _bag,
     "feature_mlp": _feature_mlp,
+    "nb_linear": _nb_linear,
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
     "rnn": _recurrent("rnn"),

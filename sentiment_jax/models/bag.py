@@ -11,6 +11,11 @@ scales each feature by its inverse document frequency in the training split (fix
 `FeatureWeights`, saved in the checkpoint beside the parameters), `sublinear_tf` counts a
 feature seen k times in one text as 1 + ln k, and `norm="l2"` divides the weighted sum by
 the Euclidean norm of the text's feature vector instead of its sum (`"l1"`, the mean).
+
+`NBLinear` is the classical baseline on the same features: a linear model whose binary inputs
+are scaled per class by Naive Bayes log-count ratios of the training split (NBSVM, Wang and
+Manning 2012), trained here with softmax cross-entropy. On a few hundred labelled sentences the
+ratios carry what the data can tell about each n-gram, which the weights only need to adjust.
 """
 
 from __future__ import annotations
@@ -97,3 +102,31 @@ class BagOfEmbeddings(nnx.Module):
         z = jnp.sum(w, -1) if self.norm == "l1" else jnp.sqrt(jnp.sum(w * w * tf, -1))
         pooled = jnp.einsum("bt,btd->bd", w.astype(embedded.dtype), embedded)
         return pooled / jnp.maximum(z, jnp.finfo(jnp.float32).tiny)[:, None].astype(embedded.dtype)
+
+
+class NBLinear(nnx.Module):
+    """logit_c = b_c + sum over the distinct features f of a text of r_fc w_fc: binary inputs, NB-scaled.
+
+    r ([vocab, classes] `FeatureWeights`, log-count ratios from `tokenization.log_count_ratios`) is
+    fixed and saved in the checkpoint; the weights w start at 0, so training begins from the prior
+    and weight decay pulls w, not r, towards 0. `feature_dropout` drops whole features in training.
+    """
+
+    def __init__(self, *, vocab_size: int, num_outputs: int, feature_dropout: float = 0.0, rngs: nnx.Rngs):
+        if not 0.0 <= feature_dropout < 1.0:
+            raise ValueError(f"model.embed_dropout must be in [0, 1), got {feature_dropout}")
+        shape = (vocab_size, num_outputs)
+        self.feature_weights = FeatureWeights(jnp.ones(shape, jnp.float32), out_sharding=("vocab", "classes"))
+        self.kernel = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab", "classes"))(
+            rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros(num_outputs, jnp.float32))
+        self.feature_dropout = feature_dropout
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        if not deterministic and self.feature_dropout:
+            mask = mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= self.feature_dropout)
+        # Each occurrence of a feature seen tf times carries 1/tf: every distinct feature counts once.
+        presence = jnp.where(mask, 1.0 / jnp.maximum(term_frequencies(ids, mask), 1), 0.0)
+        scores = self.feature_weights[...][ids] * self.kernel[...][ids]  # [B, T, classes]
+        return jnp.einsum("bt,btc->bc", presence, scores) + self.bias[...]
