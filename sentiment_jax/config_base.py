@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.path = config_dict.placeholder(str)  # huggingface: folder with tokenizer.json
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "lstm"  # lstm | gru | rnn | transformer | fasttext (bag of n-gram embeddings)
+    m.name = "lstm"  # lstm | gru | rnn | transformer | fasttext (bag of n-gram embeddings) | nb_linear (NBSVM-style)
     m.embed_dim = 128  # transformer: the model width
     m.hidden_sizes = (128,)  # recurrent: one entry per stacked layer
     # recurrent: True/False for every layer, or one bool per layer, e.g. (True, False, False)
@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.positions = "sinusoidal"  # transformer: sinusoidal | learned
     m.max_positions = 512  # transformer, learned positions: >= data.max_length (+1 with pooling 'cls')
     m.dropout = 0.0  # between layers and in the head
-    m.embed_dropout = 0.0  # fasttext: the fraction of whole features dropped from the average
+    m.embed_dropout = 0.0  # fasttext, nb_linear: the fraction of whole features dropped in training
     m.bag_weights = "uniform"  # fasttext: uniform | idf (inverse document frequency in the training split)
     m.bag_norm = "l1"  # fasttext: divide the weighted sum of embeddings by the feature vector's l1 (mean) or l2 norm
     m.sublinear_tf = False  # fasttext: a feature occurring k times in a text counts 1 + ln k

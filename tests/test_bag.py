@@ -131,22 +131,24 @@ def test_bad_bag_options_fail_clearly():
         make_model(weights="idf", feature_weights=np.ones(3))
 
 
-def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_path):
-    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
-    cfg = tiny_config(files, **{"model.name": "fasttext", "model.embed_dim": 16, "data.tokenizer.kind": "ngrams",
-                                "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 6,
-                                "checkpoint.best_metric": "macro_f1", "model.bag_weights": "idf",
-                                "model.bag_norm": "l2", "model.sublinear_tf": True,
-                                "train.class_weights": "balanced"})
-    result = train.train_and_evaluate(cfg, tmp_path / "run")
-    assert result["macro_f1"] > 0.9
-    # A restored run builds the model with weights 1 and must get the IDF back from the checkpoint.
+def train_and_restore(tmp_path, **overrides):
+    """A 3-class n-gram run trained to macro-F1 > 0.9, restored from its checkpoint, and the fixed feature
+    weights its training split should have given it (a restored model is built with ones)."""
     from sentiment_jax import input_pipeline, runs
 
+    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
+    cfg = tiny_config(files, **{"data.tokenizer.kind": "ngrams", "data.tokenizer.buckets": 500,
+                                "data.max_length": 256, "checkpoint.best_metric": "macro_f1", **overrides})
+    assert train.train_and_evaluate(cfg, tmp_path / "run")["macro_f1"] > 0.9
     restored = runs.restore(tmp_path / "run")
-    train_split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer,
-                                        cfg.data)
-    want = train.fixed_feature_weights(cfg, train_split, restored.tokenizer.vocab_size, 3)
+    split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer, cfg.data)
+    return files, restored, train.fixed_feature_weights(cfg, split, restored.tokenizer.vocab_size, 3)
+
+
+def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_path):
+    _, restored, want = train_and_restore(
+        tmp_path, **{"model.name": "fasttext", "model.embed_dim": 16, "train.epochs": 6, "model.bag_weights": "idf",
+                     "model.bag_norm": "l2", "model.sublinear_tf": True, "train.class_weights": "balanced"})
     assert want.max() > 1.5 and (want == 0).any()
     np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)
 
@@ -178,17 +180,17 @@ def test_nb_linear_matches_numpy_and_ignores_padding_and_repeats():
 
 
 def test_nb_linear_trains_and_restores_its_ratios(tmp_path):
-    files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
-    cfg = tiny_config(files, **{"model.name": "nb_linear", "data.tokenizer.kind": "ngrams",
-                                "data.tokenizer.buckets": 500, "data.max_length": 256, "train.epochs": 3,
-                                "train.learning_rate": 0.05, "checkpoint.best_metric": "macro_f1"})
-    result = train.train_and_evaluate(cfg, tmp_path / "run")
-    assert result["macro_f1"] > 0.9
-    from sentiment_jax import input_pipeline, runs
-
-    restored = runs.restore(tmp_path / "run")
-    train_split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer,
-                                        cfg.data)
-    want = train.fixed_feature_weights(cfg, train_split, restored.tokenizer.vocab_size, 3)
+    files, restored, want = train_and_restore(
+        tmp_path, **{"model.name": "nb_linear", "train.epochs": 3, "train.learning_rate": 0.05})
     assert want.shape == (restored.tokenizer.vocab_size, 3) and np.abs(want).max() > 1
     np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)
+    # Saliency (gradient x input) of a linear model is exact: each feature's share of the target's log-probability.
+    from sentiment_jax import interpret
+
+    text = "w1 " + open(files["test"]).read().splitlines()[1].split(",")[1]  # a repeated word too
+    explanation = interpret.explain(restored, text)
+    ids = np.asarray(restored.tokenizer.encode([text])[0])
+    scores = np.asarray(restored.model.feature_weights[...])[ids] * np.asarray(restored.model.kernel[...])[ids]
+    tf = np.array([np.sum(ids == i) for i in ids])
+    p, k = explanation["probabilities"], explanation["predicted"]
+    np.testing.assert_allclose(explanation["saliency"], (scores[:, k] - scores @ p) / tf, atol=1e-5)

@@ -128,5 +128,9 @@ class NBLinear(nnx.Module):
             mask = mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= self.feature_dropout)
         # Each occurrence of a feature seen tf times carries 1/tf: every distinct feature counts once.
         presence = jnp.where(mask, 1.0 / jnp.maximum(term_frequencies(ids, mask), 1), 0.0)
-        scores = self.feature_weights[...][ids] * self.kernel[...][ids]  # [B, T, classes]
-        return jnp.einsum("bt,btc->bc", presence, scores) + self.bias[...]
+        return jnp.einsum("bt,btc->bc", presence, self.embed(ids)) + self.bias[...]
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """[B, T, classes] r_fc w_fc of each position's feature: what an embedding is to the bag model,
+        and what interpret.saliency perturbs (for this linear model its gradient x input is exact)."""
+        return self.feature_weights[...][ids] * self.kernel[...][ids]
