@@ -13,14 +13,23 @@ def get_config(variant: str = "imdb"):
     c = base_config()
     c.model.name = "nb_linear"
     c.data.tokenizer.kind = "ngrams"
-    c.data.tokenizer.char_ngrams = (2, 5)
-    c.data.tokenizer.word_ngrams = 3
     # NusaX indonesian + english, seeds 0-2, mean validation macro-F1: 80.86 at 1e-3 against 79.72 at 3e-3
     # and 80.47 at 1e-2 (docs/benchmarks.md, NusaX). Decoupled weight decay barely matters for a linear model.
     c.train.learning_rate = 1e-3
     c.train.weight_decay = 0.01
     variant_data(c, variant, "configs/nb_linear.py")
-    # One word is ~25 features (itself, ~22 character n-grams, two word n-grams): lengths count features.
-    c.data.max_length *= 24
+    c.data.tokenizer.word_ngrams = 3
     c.data.bucket_width = 256
+    if variant.startswith("nusax"):
+        # Short texts in morphologically rich languages: character 2-5-grams as well. One word is ~25
+        # features (itself, ~22 character n-grams, two word n-grams): lengths count features.
+        c.data.tokenizer.char_ngrams = (2, 5)
+        c.data.max_length *= 24
+    else:
+        # Long English reviews: words and word 2-3-grams, as NBSVM read IMDB; whole reviews (99% are
+        # under 1,000 words), every word of IMDB's vocabulary, and buckets for millions of n-grams.
+        c.data.tokenizer.char_ngrams = (0, 0)
+        c.data.tokenizer.vocab_size = 100_000
+        c.data.tokenizer.buckets = 1_000_000
+        c.data.max_length = 3 * 1000
     return c
