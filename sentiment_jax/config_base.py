@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.inputs = "tokens"  # tokens | backbone_features (cached features of config.backbone; verbalizer.py)
     d.path = config_dict.placeholder(str)  # else $SENTIMENT_JAX_DATA, else the cache dir
     d.download = True
-    d.language = "indonesian"  # nusax_senti
+    d.language = "indonesian"  # nusax_senti: validation and test are this language's
+    d.train_languages = ""  # nusax_senti: train splits pooled, a comma list or "all" ("": data.language alone)
     d.train_file = config_dict.placeholder(str)  # csv / jsonl
     d.validation_file = config_dict.placeholder(str)
     d.test_file = config_dict.placeholder(str)
