@@ -145,6 +145,7 @@ def variant_data(c: ml_collections.ConfigDict, variant: str, config_file: str) -
 
     `nusax` is NusaX-Senti (3 classes, 500 short training texts; pick one of its 12
     languages with --config.data.language), selecting checkpoints by validation macro-F1.
+    `--config.data.train_languages=all` trains on the train splits of all 12 (parallel texts).
     """
     variant, *layouts = variant.split(",")  # e.g. "imdb,fsdp"; a bare layout name means imdb
     if variant in LAYOUTS:
