@@ -236,7 +236,10 @@ def nusax_train_languages(cfg) -> tuple[str, ...]:
     list), else data.language alone. Checked here so a bad name fails before any file is read.
     """
     spec = cfg.get("train_languages") or cfg.language
-    names = NUSAX_LANGUAGES if spec == "all" else tuple(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    listed = (n.strip() for n in spec.split(",") if n.strip())
+    names = NUSAX_LANGUAGES if spec == "all" else tuple(dict.fromkeys(listed))  # in order, once each
+    if not names:
+        raise DataError(f"data.train_languages '{spec}' names no language; give a comma list or 'all'")
     for name in (cfg.language, *names):
         if name not in NUSAX_LANGUAGES:
             raise DataError(f"unknown NusaX language '{name}'; choose one of {list(NUSAX_LANGUAGES)} (or 'all' "

@@ -173,7 +173,10 @@ def test_real_nusax_train_ids_of_every_language_are_disjoint_from_test_ids(real_
     """Why pooling is leak-free: the corpus is parallel, so no language's train sentence is a test sentence."""
     import csv
 
-    ids = lambda lang, split: {row["id"] for row in csv.DictReader(io.StringIO((real_data / "nusax_senti" / lang / f"{split}.csv").read_text()))}
+    def ids(lang, split):
+        text = (real_data / "nusax_senti" / lang / f"{split}.csv").read_text()
+        return {row["id"] for row in csv.DictReader(io.StringIO(text))}
+
     test = ids("indonesian", "test")
     assert all(ids(lang, "test") == test for lang in data.NUSAX_LANGUAGES)
     assert all(not ids(lang, "train") & test for lang in data.NUSAX_LANGUAGES)
@@ -187,6 +190,9 @@ def test_nusax_train_languages_are_checked_before_reading():
     cfg.train_languages = "english,klingon"
     with pytest.raises(data.DataError, match="unknown NusaX language 'klingon'; choose one of"):
         data.load_dataset(cfg)
+    cfg.train_languages = " , "
+    with pytest.raises(data.DataError, match="names no language"):
+        data.nusax_train_languages(cfg)
     del cfg["train_languages"]  # a run saved before the field existed trains on its own language
     assert data.nusax_train_languages(cfg) == ("english",)
 
