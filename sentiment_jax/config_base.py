@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.inputs = "tokens"  # tokens | backbone_features (cached features of config.backbone; verbalizer.py)
     d.path = config_dict.placeholder(str)  # else $SENTIMENT_JAX_DATA, else the cache dir
     d.download = True
-    d.language = "indonesian"  # nusax_senti
+    d.language = "indonesian"  # nusax_senti: validation and test are this language's
+    d.train_languages = ""  # nusax_senti: train splits pooled, a comma list or "all" ("": data.language alone)
     d.train_file = config_dict.placeholder(str)  # csv / jsonl
     d.validation_file = config_dict.placeholder(str)
     d.test_file = config_dict.placeholder(str)
@@ -145,6 +146,7 @@ def variant_data(c: ml_collections.ConfigDict, variant: str, config_file: str) -
 
     `nusax` is NusaX-Senti (3 classes, 500 short training texts; pick one of its 12
     languages with --config.data.language), selecting checkpoints by validation macro-F1.
+    `--config.data.train_languages=all` trains on the train splits of all 12 (parallel texts).
     """
     variant, *layouts = variant.split(",")  # e.g. "imdb,fsdp"; a bare layout name means imdb
     if variant in LAYOUTS:

@@ -231,17 +231,45 @@ def _load_tables(files: dict[str, pathlib.Path], fmt: str, cfg):
     return splits, label_names
 
 
-def load_nusax(cfg):
-    if cfg.language not in NUSAX_LANGUAGES:
-        raise DataError(f"unknown NusaX language '{cfg.language}'; choose one of {list(NUSAX_LANGUAGES)}")
+def nusax_train_languages(cfg) -> tuple[str, ...]:
+    """The languages whose train splits are pooled: data.train_languages ("all" or a comma
+    list), else data.language alone. Checked here so a bad name fails before any file is read.
+    """
+    spec = cfg.get("train_languages") or cfg.language
+    listed = (n.strip() for n in spec.split(",") if n.strip())
+    names = NUSAX_LANGUAGES if spec == "all" else tuple(dict.fromkeys(listed))  # in order, once each
+    if not names:
+        raise DataError(f"data.train_languages '{spec}' names no language; give a comma list or 'all'")
+    for name in (cfg.language, *names):
+        if name not in NUSAX_LANGUAGES:
+            raise DataError(f"unknown NusaX language '{name}'; choose one of {list(NUSAX_LANGUAGES)} (or 'all' "
+                            "for data.train_languages)")
+    return names
+
+
+def _nusax_folder(cfg, language: str) -> pathlib.Path:
     roots = _candidates(cfg.get("path"), "nusax_senti")
-    root = next((r / cfg.language for r in roots if (r / cfg.language / "train.csv").is_file()), None)
+    root = next((r / language for r in roots if (r / language / "train.csv").is_file()), None)
     if root is None:
-        raise DataError(f"NusaX-Senti '{cfg.language}' not found; set --config.data.path or "
-                        f"${DATA_ENV} to a folder holding nusax_senti/{cfg.language}/train.csv")
+        raise DataError(f"NusaX-Senti '{language}' not found; set --config.data.path or "
+                        f"${DATA_ENV} to a folder holding nusax_senti/{language}/train.csv")
+    return root
+
+
+def load_nusax(cfg):
+    """Validation and test of data.language; train pooled over `nusax_train_languages`.
+
+    NusaX is parallel: every language splits the same sentence ids the same way, so another
+    language's train split holds translations of training sentences only, never of test ones.
+    """
+    train_languages = nusax_train_languages(cfg)
     cfg = _with(cfg, text_field="text", label_field="label", label_names=NUSAX_LABELS)
-    files = {"train": root / "train.csv", "validation": root / "valid.csv", "test": root / "test.csv"}
-    return _load_tables(files, "csv", cfg)
+    trains = [_load_tables({"train": _nusax_folder(cfg, lang) / "train.csv"}, "csv", cfg)[0]["train"]
+              for lang in train_languages]
+    root = _nusax_folder(cfg, cfg.language)
+    splits, label_names = _load_tables({"validation": root / "valid.csv", "test": root / "test.csv"}, "csv", cfg)
+    train = Split([t for s in trains for t in s.texts], np.concatenate([s.labels for s in trains]))
+    return {"train": train, **splits}, label_names
 
 
 def _table_loader(fmt: str):

@@ -363,6 +363,8 @@ def check_config(cfg) -> None:
         value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    if cfg.data.name == "nusax_senti":
+        data_lib.nusax_train_languages(cfg.data)
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

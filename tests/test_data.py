@@ -154,6 +154,49 @@ def test_real_nusax(real_data):
         data.load_dataset(data_cfg(name="nusax_senti", language="klingon", path=str(real_data)))
 
 
+def test_real_nusax_pools_train_splits_of_several_languages(real_data):
+    one = lambda lang: data.load_dataset(data_cfg(name="nusax_senti", language=lang, path=str(real_data))).splits
+    pooled = data.load_dataset(data_cfg(name="nusax_senti", language="indonesian", path=str(real_data),
+                                        train_languages="english, indonesian,english")).splits
+    english, indonesian = one("english"), one("indonesian")
+    assert pooled["train"].texts == english["train"].texts + indonesian["train"].texts
+    assert pooled["train"].labels.tolist() == english["train"].labels.tolist() + indonesian["train"].labels.tolist()
+    for split in ("validation", "test"):  # still the target language's, untouched
+        assert pooled[split].texts == indonesian[split].texts
+        assert pooled[split].labels.tolist() == indonesian[split].labels.tolist()
+    everything = data.load_dataset(data_cfg(name="nusax_senti", language="english", path=str(real_data),
+                                            train_languages="all")).splits
+    assert len(everything["train"].texts) == 500 * len(data.NUSAX_LANGUAGES)
+
+
+def test_real_nusax_train_ids_of_every_language_are_disjoint_from_test_ids(real_data):
+    """Why pooling is leak-free: the corpus is parallel, so no language's train sentence is a test sentence."""
+    import csv
+
+    def ids(lang, split):
+        text = (real_data / "nusax_senti" / lang / f"{split}.csv").read_text()
+        return {row["id"] for row in csv.DictReader(io.StringIO(text))}
+
+    test = ids("indonesian", "test")
+    assert all(ids(lang, "test") == test for lang in data.NUSAX_LANGUAGES)
+    assert all(not ids(lang, "train") & test for lang in data.NUSAX_LANGUAGES)
+
+
+def test_nusax_train_languages_are_checked_before_reading():
+    cfg = data_cfg(name="nusax_senti", language="english", path="/nonexistent")
+    assert data.nusax_train_languages(cfg) == ("english",)
+    cfg.train_languages = "all"
+    assert data.nusax_train_languages(cfg) == data.NUSAX_LANGUAGES
+    cfg.train_languages = "english,klingon"
+    with pytest.raises(data.DataError, match="unknown NusaX language 'klingon'; choose one of"):
+        data.load_dataset(cfg)
+    cfg.train_languages = " , "
+    with pytest.raises(data.DataError, match="names no language"):
+        data.nusax_train_languages(cfg)
+    del cfg["train_languages"]  # a run saved before the field existed trains on its own language
+    assert data.nusax_train_languages(cfg) == ("english",)
+
+
 def test_word_tokenizer_vocabulary_and_round_trip(tmp_path):
     tok = tokenization.WordTokenizer.fit(["The film<br />was GREAT", "the film was bad", "the end"], vocab_size=5)
     assert tok.words == ["the", "film", "was"]  # 0 pad, 1 unk, then by frequency

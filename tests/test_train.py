@@ -140,6 +140,8 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
     (["--config.model.name=lstmm"], "unknown model.name 'lstmm'; choose one of"),
     (["--config.data.name=csv"], "csv dataset needs --config.data.train_file"),
     (["--config.train.class_weights=balance"], "unknown train.class_weights 'balance'; choose one of"),
+    (["--config.data.name=nusax_senti", "--config.data.train_languages=english,klingon"],
+     "unknown NusaX language 'klingon'; choose one of"),
 ])
 def test_cli_config_mistakes_are_one_line_errors(tmp_path, args, message):
     out = run_cli(f"--workdir={tmp_path}", "--config=configs/lstm.py", *args)
