@@ -112,8 +112,8 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, refe
 
 
 def ema_steps(files, decay, steps=4):
-    """Host copies of (params, ema) after each of a few train steps, data parallel over 8 devices."""
-    cfg = tiny_config(files, **{"train.ema_decay": decay})
+    """Host copies of (params, ema) after each of a few train steps, params split over 8 devices (fsdp)."""
+    cfg = config_base.set_layout(tiny_config(files, **{"train.ema_decay": decay}), "fsdp")
     mesh = sharding.make_mesh(cfg.mesh)
     state, setup = train.create_state(cfg, mesh, 64, 2, total_steps=10)
     step_fn, history = train.make_train_step(setup, ema_decay=decay), []
@@ -134,7 +134,9 @@ def test_ema_is_the_debiased_moving_average_of_the_params_sharded_like_them(file
                     for i in range(len(raw[0]))]
         for e, x in zip(expected, jax.tree.leaves(history[t - 1][1])):
             np.testing.assert_allclose(x, e, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
-    assert [x.sharding for x in jax.tree.leaves(state.ema)] == [x.sharding for x in jax.tree.leaves(state.params)]
+    shardings = [x.sharding for x in jax.tree.leaves(state.params)]
+    assert [x.sharding for x in jax.tree.leaves(state.ema)] == shardings
+    assert any(s.shard_shape(x.shape) != x.shape for s, x in zip(shardings, jax.tree.leaves(state.params)))
 
 
 def test_ema_off_adds_nothing_and_on_does_not_change_training(files):
