@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.loss = "softmax"  # softmax | sigmoid (binary, one logit)
     tr.class_weights = "none"  # none | balanced (class c's loss scaled by n / (K n_c) over the train labels)
     tr.confidence_penalty = 0.0  # sigmoid: loss = bce - λ·mean|p - 0.5| (rewards confident predictions)
+    tr.ema_decay = 0.0  # >0: validate, checkpoint, test and serve a moving average of the params (e.g. 0.999)
     tr.log_every = 20
 
     c.checkpoint = ck = ml_collections.ConfigDict()

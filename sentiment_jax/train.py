@@ -40,6 +40,7 @@ class TrainState:
     rest: nnx.State  # other model variables, e.g. BatchNorm statistics
     opt_state: Any
     rng: jax.Array  # base key; the key of step s is fold_in(rng, s), so resuming is exact
+    ema: nnx.State | None = None  # moving average of params (train.ema_decay > 0), what eval and serving use
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,9 +140,11 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
     opt_sharding = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sharding,
                                          transform_non_params=lambda _: replicated)
     opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    # The average starts as a copy of the initial params (fresh buffers, same shardings).
+    ema = jax.tree.map(lambda x: x.copy(), params) if cfg.train.get("ema_decay", 0.0) else None
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)),
-                                                               replicated))
+                                                               replicated), ema=ema)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return state, Setup(graphdef, tx, mesh, state_sharding, sharding.batch_sharding(mesh, cfg.mesh), cfg.mesh)
 
@@ -162,12 +165,22 @@ def fixed_feature_weights(cfg, split: input_pipeline.Encoded, vocab_size: int, n
 
 
 def model_item(state: TrainState) -> dict:
-    """What eval and serving need from a checkpoint."""
-    return {"params": state.params, "rest": state.rest}
+    """What eval and serving need from a checkpoint: the averaged params when train.ema_decay is on,
+    so every reader of a checkpoint (eval, predict, serving) uses them without knowing about the average."""
+    return {"params": state.params if state.ema is None else state.ema, "rest": state.rest}
 
 
 def train_item(state: TrainState) -> dict:
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    """What only resuming needs; with the average on, that includes the raw params being trained."""
+    item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    return item if state.ema is None else {**item, "params": state.params}
+
+
+def state_from_items(model: dict, train: dict) -> TrainState:
+    """The inverse of model_item and train_item."""
+    if "params" in train:
+        return TrainState(ema=model["params"], rest=model["rest"], **train)
+    return TrainState(params=model["params"], rest=model["rest"], **train)
 
 
 def parameter_counts(state: TrainState) -> dict[str, int]:
@@ -197,8 +210,11 @@ def class_weights(cfg, labels: np.ndarray, num_classes: int) -> np.ndarray | Non
     return (len(labels) / (num_classes * counts)).astype(np.float32)
 
 
-def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights: np.ndarray | None = None):
-    """`class_weights` [K]: each example's loss is scaled by its class's weight (reported losses are not)."""
+def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights: np.ndarray | None = None,
+                    ema_decay: float = 0.0):
+    """`class_weights` [K]: each example's loss is scaled by its class's weight (reported losses are not).
+    `ema_decay` d > 0: state.ema after step t is the average of the params after steps 1..t with weights
+    proportional to d^(t-s), i.e. the debiased exponential moving average, so the initial params get no weight."""
     graphdef, tx = setup.graphdef, setup.tx
 
     def train_step(state: TrainState, batch: dict, sums: dict) -> tuple[TrainState, dict]:
@@ -218,10 +234,14 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights
         (_, (logits, losses, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema_decay:  # e_t = e_(t-1) + (1 - d) / (1 - d^t) (p_t - e_(t-1)); e_1 = p_1
+            rate = (1 - ema_decay) / (1 - ema_decay ** (state.step + 1).astype(jnp.float32))
+            ema = jax.tree.map(lambda e, p: e + rate.astype(e.dtype) * (p - e), state.ema, params)
         correct = (predictions(logits) == batch["label"]) * batch["weight"]
         sums = {"loss_sum": sums["loss_sum"] + jnp.sum(losses), "correct": sums["correct"] + jnp.sum(correct),
                 "count": sums["count"] + jnp.sum(batch["weight"])}
-        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), sums
+        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state, ema=ema), sums
 
     metric_sharding = {k: sharding.replicated(setup.mesh) for k in METRIC_KEYS}
     return jax.jit(train_step, in_shardings=(setup.state_sharding, setup.batch_sharding, metric_sharding),
@@ -365,6 +385,9 @@ def check_config(cfg) -> None:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
     if cfg.data.name == "nusax_senti":
         data_lib.nusax_train_languages(cfg.data)
+    decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
+    if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -398,8 +421,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         restored = checkpoints.restore(
             mngr, step, model=checkpoints.abstract(model_item(state)),
             train=checkpoints.abstract(train_item(state)), meta=None)
-        state = TrainState(params=restored["model"]["params"], rest=restored["model"]["rest"],
-                           **restored["train"])
+        state = state_from_items(restored["model"], restored["train"])
         meta = restored["meta"]
         checkpoints.check_data_position(meta, cfg.train.batch_size)
         logging.info("resumed from step %d", step)
@@ -407,7 +429,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             print(f"resuming from checkpoint step {step}", flush=True)
 
     train_step = make_train_step(setup, cfg.train.get("confidence_penalty", 0.0),
-                                 class_weights(cfg, encoded["train"].labels, dataset.num_classes))
+                                 class_weights(cfg, encoded["train"].labels, dataset.num_classes),
+                                 cfg.train.get("ema_decay", 0.0))
     predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
     step = int(state.step)
     writer.write(step, counts, kind="params")
@@ -451,7 +474,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         bar.close()
         host = jax.device_get(sums)
         seconds = prior_seconds + time.time() - t0
-        val = evaluate_split(cfg, setup, predict_step, state.params, state.rest, encoded["validation"],
+        weights = model_item(state)  # the average when on: it picks the best checkpoint
+        val = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"], encoded["validation"],
                              dataset.label_names)
         scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"],
                    "val/loss": val["loss"], "val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"],

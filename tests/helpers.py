@@ -52,6 +52,17 @@ def tiny_config(files, **overrides):
     return cfg
 
 
+def random_batches(n, vocab, batch=16, length=12, seed=0):
+    """`n` train batches of random pre-padded ids and labels."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        lengths = rng.integers(1, length + 1, batch)
+        mask = np.arange(length)[None, :] >= length - lengths[:, None]  # pre-padded
+        yield {"ids": np.where(mask, rng.integers(2, vocab, (batch, length)), 0).astype(np.int32),
+               "mask": mask, "label": rng.integers(0, 2, batch).astype(np.int32),
+               "weight": np.ones(batch, np.float32)}
+
+
 def padded(tokens, width, side, junk):
     """ids [B, width] holding `junk` ids at padding positions, so only the mask can hide them."""
     ids, mask = np.full((len(tokens), width), junk, np.int32), np.zeros((len(tokens), width), bool)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import random_batches
 from sentiment_jax import checkpoints, config_base, models, sharding, tokenization, train
 from test_train import REPO, step_losses, tiny_config, write_dataset
 
@@ -28,16 +29,6 @@ def files(tmp_path_factory):
 def one_device_run(files, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
     return workdir, train.train_and_evaluate(tiny_config(files, **COMMON, **{"mesh.num_devices": 1}), workdir)
-
-
-def random_batches(n, vocab, batch=16, length=12, seed=0):
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        lengths = rng.integers(1, length + 1, batch)
-        mask = np.arange(length)[None, :] >= length - lengths[:, None]  # pre-padded
-        yield {"ids": np.where(mask, rng.integers(2, vocab, (batch, length)), 0).astype(np.int32),
-               "mask": mask, "label": rng.integers(0, 2, batch).astype(np.int32),
-               "weight": np.ones(batch, np.float32)}
 
 
 def train_steps(cfg, steps=3, vocab=64):

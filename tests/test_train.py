@@ -1,4 +1,4 @@
-"""The train loop: 1 vs 8 devices, checkpoints, exact resume, eval-only, and the CLI."""
+"""The train loop: 1 vs 8 devices, checkpoints, exact resume, eval-only, the parameter average, and the CLI."""
 
 import json
 import pathlib
@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_config, write_dataset
-from sentiment_jax import checkpoints, config_base, input_pipeline, train
+from helpers import random_batches, tiny_config, write_dataset
+from sentiment_jax import checkpoints, config_base, input_pipeline, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 def step_losses(workdir):
@@ -29,6 +29,16 @@ def reference_run(files, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     result = train.train_and_evaluate(tiny_config(files, **{"mesh.num_devices": 1}), workdir)
     return workdir, result
+
+
+EMA = {"mesh.num_devices": 1, "train.ema_decay": 0.9}
+
+
+@pytest.fixture(scope="module")
+def ema_run(files, tmp_path_factory):
+    """The reference run with train.ema_decay on."""
+    workdir = tmp_path_factory.mktemp("ema")
+    return workdir, train.train_and_evaluate(tiny_config(files, **EMA), workdir)
 
 
 def test_training_learns_and_writes_its_artifacts(reference_run):
@@ -59,15 +69,20 @@ def test_eval_only_equals_end_of_training_and_runs_on_another_device_count(files
         report = train.evaluate(tiny_config(files, **{"mesh.num_devices": n}), workdir, which="best")
         assert report["accuracy"] == result["accuracy"]
         assert report["confusion_matrix"] == result["confusion_matrix"]
+    old = tiny_config(files, **{"mesh.num_devices": 1})  # a run saved before train.ema_decay existed
+    del old.train["ema_decay"]
+    assert train.evaluate(old, workdir, which="best")["accuracy"] == result["accuracy"]
 
 
 class Crash(Exception):
     pass
 
 
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, reference_run, tmp_path,
-                                                                     monkeypatch):
-    cfg = tiny_config(files, **{"mesh.num_devices": 1, "checkpoint.every_steps": 3})
+@pytest.mark.parametrize("ema", [False, True])
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, reference_run, ema_run, tmp_path,
+                                                                     monkeypatch, ema):
+    reference_run = ema_run if ema else reference_run
+    cfg = tiny_config(files, **{**(EMA if ema else {"mesh.num_devices": 1}), "checkpoint.every_steps": 3})
     real_batch, calls = input_pipeline.Batches.batch, {"n": 0}
 
     def crashing_batch(self, indices):
@@ -92,6 +107,68 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, refe
     ref_epochs = [json.loads(l) for l in (reference_run[0] / "metrics.jsonl").read_text().splitlines()
                   if '"epoch"' in l]
     assert epochs[-1]["train/loss"] == pytest.approx(ref_epochs[-1]["train/loss"], rel=1e-6)
+    # Validation reads the average when it is on: it too was restored exactly.
+    assert epochs[-1]["val/loss"] == pytest.approx(ref_epochs[-1]["val/loss"], rel=1e-6)
+
+
+def ema_steps(files, decay, steps=4):
+    """Host copies of (params, ema) after each of a few train steps, params split over 8 devices (fsdp)."""
+    cfg = config_base.set_layout(tiny_config(files, **{"train.ema_decay": decay}), "fsdp")
+    mesh = sharding.make_mesh(cfg.mesh)
+    state, setup = train.create_state(cfg, mesh, 64, 2, total_steps=10)
+    step_fn, history = train.make_train_step(setup, ema_decay=decay), []
+    for batch in random_batches(steps, 64):
+        state, _ = step_fn(state, sharding.put_batch(batch, setup.batch_sharding), train.zero_metrics(mesh))
+        history.append(jax.device_get((state.params, state.ema)))
+    return history, state
+
+
+def test_ema_is_the_debiased_moving_average_of_the_params_sharded_like_them(files):
+    """Hand-computed in float64: after step t, step s's params have weight d^(t-s) / sum of the weights."""
+    decay = 0.8
+    history, state = ema_steps(files, decay)
+    for t in range(1, len(history) + 1):
+        weights = decay ** np.arange(t - 1, -1, -1, dtype=np.float64)
+        raw = [jax.tree.leaves(params) for params, _ in history[:t]]
+        expected = [sum(w * np.float64(p[i]) for w, p in zip(weights, raw)) / weights.sum()
+                    for i in range(len(raw[0]))]
+        for e, x in zip(expected, jax.tree.leaves(history[t - 1][1])):
+            np.testing.assert_allclose(x, e, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
+    shardings = [x.sharding for x in jax.tree.leaves(state.params)]
+    assert [x.sharding for x in jax.tree.leaves(state.ema)] == shardings
+    assert any(s.shard_shape(x.shape) != x.shape for s, x in zip(shardings, jax.tree.leaves(state.params)))
+
+
+def test_ema_off_adds_nothing_and_on_does_not_change_training(files):
+    """decay 0: no average in the state, so the step is the one from before the option; the average
+    only watches: the params it trains are bit for bit those of a run without it."""
+    off, state = ema_steps(files, 0.0)
+    on, _ = ema_steps(files, 0.8)
+    assert state.ema is None and all(ema is None for _, ema in off)
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves((state.step, state.params, state.rest,
+                                                                state.opt_state, state.rng)))
+    for (params_off, _), (params_on, _) in zip(off, on):
+        for a, b in zip(jax.tree.leaves(params_off), jax.tree.leaves(params_on)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_validation_checkpoints_and_eval_use_the_average(files, ema_run):
+    workdir, result = ema_run
+    cfg = tiny_config(files, **EMA)
+    last = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l][-1]
+    report = train.evaluate(cfg, workdir, split="validation", which="latest")
+    assert report["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
+    # The raw params, kept for resuming only, give another validation loss.
+    dataset, tokenizer, encoded = train.prepare_data(cfg, workdir, fit_tokenizer=False)
+    state, setup = train.create_state(cfg, sharding.make_mesh(cfg.mesh), tokenizer.vocab_size, 2, total_steps=1)
+    mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
+    saved = checkpoints.restore(mngr, mngr.latest_step(), model=checkpoints.abstract(train.model_item(state)),
+                                train=checkpoints.abstract(train.train_item(state)))
+    mngr.close()
+    predict = train.make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
+    raw = train.evaluate_split(cfg, setup, predict, saved["train"]["params"], saved["model"]["rest"],
+                               encoded["validation"], dataset.label_names)
+    assert abs(raw["loss"] - report["loss"]) > 1e-4
 
 
 def test_checkpoint_errors_are_one_line(files, reference_run, tmp_path):
@@ -142,6 +219,7 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
     (["--config.train.class_weights=balance"], "unknown train.class_weights 'balance'; choose one of"),
     (["--config.data.name=nusax_senti", "--config.data.train_languages=english,klingon"],
      "unknown NusaX language 'klingon'; choose one of"),
+    (["--config.train.ema_decay=1.0"], "train.ema_decay must be in [0, 1)"),
 ])
 def test_cli_config_mistakes_are_one_line_errors(tmp_path, args, message):
     out = run_cli(f"--workdir={tmp_path}", "--config=configs/lstm.py", *args)
