@@ -3,7 +3,8 @@
 No GPU here or in CI: `jax.experimental.rnn.lstm_ref` computes what the cuDNN call does, from the
 flat weights as `jax.experimental.rnn.unpack_lstm_weights` reads cuDNN's layout. That checks our
 weight packing, the alignment of either padding side, final states and the batch-sharded call
-against the scan. The cuDNN kernel itself only runs on a CUDA GPU.
+against the scan. The cuDNN kernel itself only runs on a CUDA GPU, where the first test compares it
+with the scan directly (skipped elsewhere).
 """
 
 import jax
@@ -23,6 +24,26 @@ from test_train import tiny_config
 def reference_kernel(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):
     unpacked = rnn.unpack_lstm_weights(weights, input_size, hidden_size, 1, bidirectional)
     return rnn.lstm_ref(x, h0, c0, *unpacked, lengths, input_size, hidden_size, 1, 0.0, bidirectional)
+
+
+@pytest.mark.skipif(not recurrent.cudnn_available(), reason="cuDNN needs a CUDA GPU")
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_the_real_cudnn_kernel_matches_the_scan(side):
+    """Runs only on a CUDA GPU: the kernel itself, values and gradients, against the scan."""
+    rng = np.random.default_rng(0)
+    x, mask = pad_batch([rng.normal(size=(n, 6)).astype(np.float32) for n in (7, 3, 1, 9)], 9, side)
+    x, mask = jnp.asarray(x), jnp.asarray(mask)
+    scan = recurrent.RecurrentLayer("lstm", 6, 5, True, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(scan)
+    cudnn_graphdef = nnx.graphdef(recurrent.RecurrentLayer("lstm", 6, 5, True, backend="cudnn", rngs=nnx.Rngs(1)))
+
+    def loss(params, graphdef):
+        final, outputs = nnx.merge(graphdef, params)(x, mask)
+        return jnp.sum(outputs ** 2) + jnp.sum(jnp.tanh(final))
+
+    ours, ref = (jax.value_and_grad(loss)(params, g) for g in (cudnn_graphdef, graphdef))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)  # looser: GPUs may use TF32 matmuls
 
 
 @pytest.fixture
