@@ -13,7 +13,7 @@ A sweep file (see `configs/sweeps/`) has `get_sweep(preset)` returning a dict:
 Runs land in WORKDIR/NAME/seed_S. A folder with `result.json` is done and skipped, an
 interrupted one resumes from its checkpoints, and a run that fails is recorded in the
 summary (with its error in `error.txt`) while the others go on. The best configuration
-is chosen by mean validation accuracy, never by test.
+is chosen by mean validation accuracy (macro-F1 when the runs pick checkpoints by it), never by test.
 
   python -m sentiment_jax.sweep --sweep=configs/sweeps/compare.py:quick --workdir=runs/compare
   python -m sentiment_jax.sweep --sweep=configs/sweeps/lstm_shapes.py:full --workdir=runs/shapes \
@@ -207,11 +207,12 @@ MEAN_COLUMNS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1"
                 "examples_per_s")
 
 
-def group_rows(rows: list[dict], compare: bool = True) -> list[dict]:
+def group_rows(rows: list[dict], compare: bool = True, metric: str = "accuracy") -> list[dict]:
     """One row per configuration: mean and sample standard deviation over its finished seeds.
 
-    With `compare`, the best by mean validation accuracy is marked; without, an "average" row
-    (the mean of the configurations' means) is appended instead.
+    With `compare`, the best by mean validation `metric` (accuracy | macro_f1, what the runs chose
+    checkpoints by) is marked; without, an "average" row (the mean of the configurations' means) is
+    appended instead.
     """
     groups = []
     for name in dict.fromkeys(r["name"] for r in rows):
@@ -225,8 +226,8 @@ def group_rows(rows: list[dict], compare: bool = True) -> list[dict]:
             group[column] = float(np.mean(values)) if values else None
             group[column + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         groups.append(group)
-    scored = [g for g in groups if g["val_accuracy"] is not None]
-    best = max(scored, key=lambda g: g["val_accuracy"], default=None) if compare else None
+    scored = [g for g in groups if g["val_" + metric] is not None]
+    best = max(scored, key=lambda g: g["val_" + metric], default=None) if compare else None
     for g in groups:
         g["best"] = g is best
     if not compare and scored:
@@ -266,9 +267,12 @@ def markdown_table(groups: list[dict]) -> str:
 def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True) -> dict:
     """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON."""
     rows = [run_row(r, workdir) for r in sweep_runs]
-    groups = group_rows(rows, compare)
+    metrics = {r.cfg.checkpoint.best_metric for r in sweep_runs}  # e.g. macro_f1 for NusaX
+    metric = metrics.pop() if len(metrics) == 1 else "accuracy"
+    groups = group_rows(rows, compare, metric)
     failures = [f"- {r['folder']}: {r.get('error', 'not run')}" for r in rows if r["status"] != "done"]
-    legend = "Best (by mean validation accuracy) in bold." if compare else "Last row: the mean of the rows above."
+    legend = (f"Best (by mean validation {metric.replace('_', '-')}) in bold." if compare
+              else "Last row: the mean of the rows above.")
     text = "\n".join(["# Sweep summary", "", f"{legend} Folder: `{workdir}`.",
                       "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []))
     (workdir / "summary.md").write_text(text + "\n")

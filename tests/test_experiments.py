@@ -221,3 +221,6 @@ def test_sweep_of_tasks_gets_an_average_row_and_no_best_mark():
     assert groups[-1]["test_accuracy"] == pytest.approx((0.7 + 0.5) / 2)  # mean of the per-task means
     assert "(best)" not in sweep.markdown_table(groups)
     assert sweep.group_rows(rows)[1]["best"] and len(sweep.group_rows(rows)) == 2
+    # Runs that pick checkpoints by macro-F1 are compared by it too.
+    rows[2]["val_macro_f1"] = 0.5
+    assert sweep.group_rows(rows, metric="macro_f1")[0]["best"]
