@@ -44,6 +44,19 @@ def term_frequencies(ids: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, count(ordered, keys), 0).astype(jnp.int32)
 
 
+def _dropout_rate(rate: float) -> float:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"model.embed_dropout must be in [0, 1), got {rate}")
+    return rate
+
+
+def drop_features(mask: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """In training, `mask` with a `rate` fraction of its positions (whole features) switched off."""
+    if deterministic or not rate:
+        return mask
+    return mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= rate)
+
+
 class BagOfEmbeddings(nnx.Module):
     """Embedding -> weighted, normalised sum over features -> (dropout, Linear, ReLU) per head size -> dropout -> logits.
 
@@ -55,8 +68,6 @@ class BagOfEmbeddings(nnx.Module):
     def __init__(self, *, vocab_size: int, num_outputs: int, embed_dim: int = 64, head_sizes: Sequence[int] = (),
                  dropout: float = 0.0, embed_dropout: float = 0.0, weights: str = "uniform", norm: str = "l1",
                  sublinear_tf: bool = False, feature_weights: np.ndarray | None = None, rngs: nnx.Rngs):
-        if not 0.0 <= embed_dropout < 1.0:
-            raise ValueError(f"model.embed_dropout must be in [0, 1), got {embed_dropout}")
         if weights not in ("uniform", "idf"):
             raise ValueError(f"unknown model.bag_weights '{weights}'; choose 'uniform' or 'idf'")
         if norm not in ("l1", "l2"):
@@ -78,13 +89,12 @@ class BagOfEmbeddings(nnx.Module):
             self.head.append(dense(width, size, ("features", "mlp")))
             width = size
         self.out = dense(width, num_outputs, ("features", "classes"))
-        self.feature_dropout = embed_dropout
+        self.feature_dropout = _dropout_rate(embed_dropout)
         self.dropout = nnx.Dropout(dropout)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
-        if not deterministic and self.feature_dropout:
-            mask = mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= self.feature_dropout)
+        mask = drop_features(mask, self.feature_dropout, deterministic, rngs)
         x = self.pool(self.embed(ids), ids, mask)
         for dense in self.head:
             x = jax.nn.relu(dense(self.dropout(x, deterministic=deterministic, rngs=rngs)))
@@ -115,19 +125,16 @@ class NBLinear(nnx.Module):
     """
 
     def __init__(self, *, vocab_size: int, num_outputs: int, feature_dropout: float = 0.0, rngs: nnx.Rngs):
-        if not 0.0 <= feature_dropout < 1.0:
-            raise ValueError(f"model.embed_dropout must be in [0, 1), got {feature_dropout}")
         shape = (vocab_size, num_outputs)
         self.feature_weights = FeatureWeights(jnp.ones(shape, jnp.float32), out_sharding=("vocab", "classes"))
         self.kernel = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab", "classes"))(
             rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros(num_outputs, jnp.float32))
-        self.feature_dropout = feature_dropout
+        self.feature_dropout = _dropout_rate(feature_dropout)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
-        if not deterministic and self.feature_dropout:
-            mask = mask & (jax.random.uniform(rngs.dropout(), mask.shape) >= self.feature_dropout)
+        mask = drop_features(mask, self.feature_dropout, deterministic, rngs)
         # Each occurrence of a feature seen tf times carries 1/tf: every distinct feature counts once.
         presence = jnp.where(mask, 1.0 / jnp.maximum(term_frequencies(ids, mask), 1), 0.0)
         return jnp.einsum("bt,btc->bc", presence, self.embed(ids)) + self.bias[...]
