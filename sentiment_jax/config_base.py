@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_seed = 0
     d.max_examples = 0  # >0: a seeded random subset of every split, for quick runs
     d.max_test_examples = 0  # >0: a seeded random subset of the test split only (when test is costly to encode)
+    d.unlabeled = False  # imdb: also read train/unsup's 50k unlabelled reviews (used by pretrain.embeddings only)
     d.max_length = 400
     d.padding = "pre"  # pre | post
     d.truncation = "pre"  # pre keeps the end of a long text
@@ -94,6 +95,16 @@ def base_config() -> ml_collections.ConfigDict:
     b.bucket_width = 32  # extraction batches are padded to a multiple of this many tokens
     b.dtype = "float32"  # encoder compute dtype
     b.cache_dir = config_dict.placeholder(str)  # default: $SENTIMENT_JAX_CACHE/features
+
+    # Token embeddings started from skip-gram vectors of the training texts (+ data.unlabeled); word2vec.py.
+    c.pretrain = p = ml_collections.ConfigDict()
+    p.embeddings = "none"  # none | word2vec (models with a token embedding table, data.tokenizer.kind 'word')
+    p.epochs = 3
+    p.window = 5  # context words on each side, at most
+    p.negatives = 5  # noise words per (center, context) pair
+    p.batch_size = 4096  # pairs per step
+    p.learning_rate = 3e-3  # Adam, decayed linearly to 1% of it
+    p.subsample = 1e-4  # frequent-word thinning threshold (0: keep every token)
 
     c.train = tr = ml_collections.ConfigDict()
     tr.epochs = 3

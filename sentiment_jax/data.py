@@ -48,6 +48,7 @@ class Dataset:
     name: str
     label_names: tuple[str, ...]
     splits: dict[str, Split]
+    unlabeled: list[str] = dataclasses.field(default_factory=list)  # for pretraining only (data.unlabeled)
 
     @property
     def num_classes(self) -> int:
@@ -134,25 +135,31 @@ def _check_text(text: str, where: str) -> str:
 
 
 def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
-    """The official aclImdb layout, read from the archive or the extracted folder."""
+    """The official aclImdb layout, read from the archive or the extracted folder.
+
+    With `data.unlabeled`, also train/unsup's 50k unlabelled reviews, as split "unlabeled".
+    """
     path = find_imdb(cfg.get("path"), download=cfg.get("download", True))
     label_names = ("neg", "pos")
     texts = {"train": [], "test": []}
     labels = {"train": [], "test": []}
+    unlabeled = []
 
     def add(member: str, raw: bytes):
         parts = member.split("/")  # [..., 'aclImdb', split, label, 'id_rating.txt']
         if len(parts) < 3 or not parts[-1].endswith(".txt"):
             return
         split, label = parts[-3], parts[-2]
+        where = f"{path}:{member}"
         if split in texts and label in label_names:
-            where = f"{path}:{member}"
             texts[split].append(_check_text(_decode(raw, where), where))
             labels[split].append(label_names.index(label))
+        elif split == "train" and label == "unsup" and cfg.get("unlabeled"):
+            unlabeled.append(_check_text(_decode(raw, where), where))
 
     if path.is_dir():
         for split in texts:
-            for label in label_names:
+            for label in label_names + (("unsup",) if split == "train" else ()):
                 for f in sorted((path / split / label).glob("*.txt")):
                     add(f"aclImdb/{split}/{label}/{f.name}", f.read_bytes())
     else:
@@ -163,7 +170,10 @@ def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
                         add(member.name, tar.extractfile(member).read())
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{path}: unreadable archive ({e}); re-download aclImdb_v1.tar.gz") from None
-    return {s: Split(texts[s], np.asarray(labels[s], np.int32)) for s in texts}, label_names
+    splits = {s: Split(texts[s], np.asarray(labels[s], np.int32)) for s in texts}
+    if cfg.get("unlabeled"):
+        splits["unlabeled"] = Split(unlabeled, np.zeros(len(unlabeled), np.int32))
+    return splits, label_names
 
 
 def _read_rows(path: pathlib.Path, fmt: str) -> Iterable[tuple[int, dict]]:
@@ -408,6 +418,10 @@ def load_dataset(cfg) -> Dataset:
     if cfg.name not in SOURCES:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {sorted(SOURCES)}")
     splits, label_names = SOURCES[cfg.name](cfg)
+    unlabeled = splits.pop("unlabeled", Split([], np.zeros(0, np.int32)))
+    if cfg.get("unlabeled") and not unlabeled.texts:
+        raise DataError(f"data.unlabeled: dataset '{cfg.name}' has no unlabeled texts (only imdb's train/unsup); "
+                        "set --config.data.unlabeled=False")
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve_validation(
             splits["train"], cfg.validation_fraction, cfg.validation_seed)
@@ -415,10 +429,11 @@ def load_dataset(cfg) -> Dataset:
         raise DataError(f"dataset '{cfg.name}' has no test split; set --config.data.test_file")
     if cfg.get("max_examples"):
         splits = {s: subsample(v, cfg.max_examples, cfg.validation_seed) for s, v in splits.items()}
+        unlabeled = subsample(unlabeled, cfg.max_examples, cfg.validation_seed)
     if cfg.get("max_test_examples"):
         splits["test"] = subsample(splits["test"], cfg.max_test_examples, cfg.validation_seed)
     for name, split in splits.items():
         if len(split.texts) == 0:
             raise DataError(f"dataset '{cfg.name}': the {name} split is empty; add data or "
                             "lower --config.data.validation_fraction")
-    return Dataset(cfg.name, tuple(str(n) for n in label_names), splits)
+    return Dataset(cfg.name, tuple(str(n) for n in label_names), splits, unlabeled.texts)

@@ -43,6 +43,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize()
 
 
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def describe() -> str:
     return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
             f"{jax.device_count()} {jax.default_backend()} devices")

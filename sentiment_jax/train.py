@@ -26,11 +26,13 @@ from tqdm import tqdm
 
 from sentiment_jax import checkpoints
 from sentiment_jax import data as data_lib
+from sentiment_jax import distributed
 from sentiment_jax import input_pipeline
 from sentiment_jax import metrics as metrics_lib
 from sentiment_jax import models
 from sentiment_jax import sharding
 from sentiment_jax import tokenization
+from sentiment_jax import word2vec
 
 
 @flax.struct.dataclass
@@ -113,8 +115,13 @@ class Setup:
 
 
 def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
-                 feature_weights: np.ndarray | None = None) -> tuple[TrainState, Setup]:
-    """Initialises parameters directly into their shardings and the optimizer state beside them."""
+                 feature_weights: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None) -> tuple[TrainState, Setup]:
+    """Initialises parameters directly into their shardings and the optimizer state beside them.
+
+    `embeddings` [vocab, embed_dim] (pretrained vectors) replace the token embedding table's
+    random start, rescaled to the standard deviation of that random start.
+    """
     outputs = num_outputs(cfg, num_classes)
     build = lambda: models.build_model(cfg.model, vocab_size, outputs, nnx.Rngs(params=cfg.seed))
     graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
@@ -126,9 +133,17 @@ def create_state(cfg, mesh, vocab_size: int, num_classes: int, total_steps: int,
         model = build()
         if feature_weights is not None:  # fixed data statistics (fixed_feature_weights), not initialised parameters
             model.feature_weights[...] = jnp.asarray(feature_weights, jnp.float32)
+        if embeddings is not None:
+            table = jnp.asarray(embeddings, jnp.float32)
+            model.embed.embedding[...] = table * (jnp.std(model.embed.embedding[...]) / jnp.std(table))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return params, rest
 
+    if embeddings is not None:
+        table = getattr(getattr(abstract_params, "embed", None), "embedding", None)
+        if table is None or table.shape != embeddings.shape:
+            raise ValueError(f"pretrained embeddings {embeddings.shape} do not fit model '{cfg.model.name}' "
+                             f"(its table: {None if table is None else table.shape}); set pretrain.embeddings 'none'")
     params, rest = init()
     tx = make_optimizer(cfg, total_steps)
     # Optimizer moments are States of the same annotated Variables, so they shard like the params.
@@ -296,19 +311,12 @@ def prepare_data(cfg, workdir: pathlib.Path, *, fit_tokenizer: bool):
     if fit_tokenizer:  # every process syncs: whether the file exists yet may differ between them
         if jax.process_index() == 0 and not (workdir / tokenization.TOKENIZER_FILE).is_file():
             tokenization.build(cfg.data.tokenizer, dataset.splits["train"].texts).save(workdir)
-        sync("tokenizer")
+        distributed.sync("tokenizer")
     tokenizer = tokenization.load(workdir)
     encoded = input_pipeline.encode_splits(dataset, tokenizer, cfg.data, workdir)
     if jax.process_index() == 0:  # so inference needs only the workdir (an old run gets it from one eval)
         (workdir / LABELS_FILE).write_text(json.dumps(list(dataset.label_names)))
     return dataset, tokenizer, encoded
-
-
-def sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def make_batches(cfg, split: input_pipeline.Encoded, *, train: bool, batch_size: int | None = None):
@@ -366,9 +374,10 @@ CHOICES = {
     "model.bag_weights": lambda: ["uniform", "idf"],
     "model.bag_norm": lambda: ["l1", "l2"],
     "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
+    "pretrain.embeddings": lambda: ["none", "word2vec"],
 }
 
-OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend"}  # added later; the code defaults when absent
+OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend", "embeddings"}  # added later; the code defaults when absent
 
 
 def check_config(cfg) -> None:
@@ -402,9 +411,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     train_batches = make_batches(cfg, encoded["train"], train=True)
     steps_per_epoch = len(train_batches)
     total_steps = cfg.train.epochs * steps_per_epoch
+    embeddings = word2vec.pretrained_embeddings(cfg, dataset.splits["train"].texts, dataset.unlabeled, tokenizer,
+                                                workdir)
     state, setup = create_state(cfg, mesh, tokenizer.vocab_size, dataset.num_classes, total_steps,
                                 fixed_feature_weights(cfg, encoded["train"], tokenizer.vocab_size,
-                                                      dataset.num_classes))
+                                                      dataset.num_classes), embeddings)
     counts = parameter_counts(state)
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)

@@ -104,14 +104,16 @@ def test_unknown_dataset_name():
 
 
 def fake_imdb_archive(path: pathlib.Path):
+    """Three reviews per split and label, and three unlabelled ones (train/unsup) as the official release has."""
+    folders = {"pos": "A fine film.<br />Loved it", "neg": "Dull and long"}
     with tarfile.open(path, "w:gz") as tar:
-        for split in ("train", "test"):
-            for label, text in (("pos", "A fine film.<br />Loved it"), ("neg", "Dull and long")):
-                for i in range(3):
-                    raw = f"{text} {i}".encode()
-                    info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_7.txt")
-                    info.size = len(raw)
-                    tar.addfile(info, io.BytesIO(raw))
+        for split, label, text in [(s, label, text) for s in ("train", "test") for label, text in folders.items()] + [
+                ("train", "unsup", "Unrated")]:
+            for i in range(3):
+                raw = f"{text} {i}".encode()
+                info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_7.txt")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
     return path
 
 
@@ -126,6 +128,17 @@ def test_imdb_from_archive_and_from_folder(tmp_path):
     archive.unlink()
     again = data.load_dataset(data_cfg(name="imdb", path=str(folder / "aclImdb"), validation_fraction=1 / 3))
     assert sorted(again.splits["test"].texts) == sorted(ds.splits["test"].texts)
+    assert ds.unlabeled == again.unlabeled == []  # read only when asked for
+    more = data.load_dataset(data_cfg(name="imdb", path=str(folder / "aclImdb"), validation_fraction=1 / 3,
+                                      unlabeled=True))
+    assert sorted(more.unlabeled) == ["Unrated 0", "Unrated 1", "Unrated 2"]
+    assert sorted(more.splits["train"].texts + more.splits["validation"].texts) == sorted(
+        ds.splits["train"].texts + ds.splits["validation"].texts)
+
+
+def test_unlabeled_texts_from_a_source_without_them_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="has no unlabeled texts"):
+        data.load_dataset(csv_cfg(tmp_path, GOOD, unlabeled=True))
 
 
 def test_imdb_offline_fails_fast_naming_the_path_option(tmp_path, monkeypatch):
