@@ -198,6 +198,15 @@ def state_from_items(model: dict, train: dict) -> TrainState:
     return TrainState(params=model["params"], rest=model["rest"], **train)
 
 
+def check_same_average(meta: dict, decay: float) -> None:
+    """Turning the parameter average on or off changes what a checkpoint holds, so a resume must keep it."""
+    saved = meta.get("ema_decay")  # absent in checkpoints saved before it was recorded
+    if saved is not None and bool(saved) != bool(decay):
+        raise checkpoints.CheckpointError(
+            f"the checkpoint was trained with train.ema_decay={saved}, this run has {decay}; resume with "
+            f"--config.train.ema_decay={saved} or use a new workdir")
+
+
 def parameter_counts(state: TrainState) -> dict[str, int]:
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     return {"trainable_params": count(state.params), "total_params": count(state.params) + count(state.rest)}
@@ -429,12 +438,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     meta = {"epoch_sums": {k: 0.0 for k in METRIC_KEYS}, "epoch_seconds": 0.0}
     if mngr.latest_step() is not None:
         step = mngr.latest_step()
-        restored = checkpoints.restore(
-            mngr, step, model=checkpoints.abstract(model_item(state)),
-            train=checkpoints.abstract(train_item(state)), meta=None)
-        state = state_from_items(restored["model"], restored["train"])
-        meta = restored["meta"]
+        meta = checkpoints.restore(mngr, step, meta=None)["meta"]  # checked first: it names what differs
         checkpoints.check_data_position(meta, cfg.train.batch_size)
+        check_same_average(meta, cfg.train.get("ema_decay", 0.0))
+        restored = checkpoints.restore(mngr, step, model=checkpoints.abstract(model_item(state)),
+                                       train=checkpoints.abstract(train_item(state)))
+        state = state_from_items(restored["model"], restored["train"])
         logging.info("resumed from step %d", step)
         if is_main:
             print(f"resuming from checkpoint step {step}", flush=True)
@@ -449,6 +458,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     def checkpoint(step, epoch, index, sums, seconds, val=None):
         checkpoints.save(mngr, step, model_item(state), train_item(state),
                          {"epoch": epoch, "batch_index": index, "epoch_seconds": seconds,
+                          "ema_decay": cfg.train.get("ema_decay", 0.0),
                           **checkpoints.data_position(cfg.train.batch_size),
                           "epoch_sums": {k: float(v) for k, v in jax.device_get(sums).items()}},
                          metrics=val)

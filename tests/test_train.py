@@ -190,6 +190,15 @@ def test_checkpoint_errors_are_one_line(files, reference_run, tmp_path):
         train.evaluate(cfg, copy, which="latest")
 
 
+def test_resuming_with_the_average_switched_is_a_named_error(files, ema_run, tmp_path):
+    import shutil
+
+    shutil.copytree(ema_run[0], tmp_path / "run")
+    cfg = tiny_config(files, **{**EMA, "train.ema_decay": 0.0, "train.epochs": 5})
+    with pytest.raises(checkpoints.CheckpointError, match=r"train.ema_decay=0.9, this run has 0.0"):
+        train.train_and_evaluate(cfg, tmp_path / "run")
+
+
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "sentiment_jax.main", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
