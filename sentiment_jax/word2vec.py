@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pathlib
+import time
 from typing import Sequence
 
 import jax
@@ -145,9 +146,11 @@ def pretrained_embeddings(cfg, train_texts: Sequence[str], unlabeled_texts: Sequ
     if jax.process_index() == 0 and not file.is_file():
         print(f"word2vec: {len(train_texts):,} training + {len(texts) - len(train_texts):,} unlabeled texts",
               flush=True)
+        t0 = time.time()
         table = train(tokenizer.encode(texts), tokenizer.vocab_size, cfg.model.embed_dim, epochs=p.epochs,
                       window=p.window, negatives=p.negatives, batch_size=p.batch_size,
                       learning_rate=p.learning_rate, subsample=p.subsample, seed=cfg.seed)
+        print(f"word2vec: {time.time() - t0:.0f} s", flush=True)
         table[tokenization.PAD_ID] = 0.0
         tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, table.astype(np.float32))
