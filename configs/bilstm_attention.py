@@ -4,6 +4,7 @@
   python -m sentiment_jax.main --config=configs/bilstm_attention.py:nusax --workdir=runs/bilstm_attention_id
 Single-logit sigmoid/BCE output instead of 2-way softmax (binary data only): --config.train.loss=sigmoid.
 About 1.25x faster on CPU, same accuracy in one IMDB run each (88.27% vs 88.12%): --config.model.dtype=bfloat16.
+Random starting embeddings instead of word2vec vectors (IMDB): --config.pretrain.embeddings=none.
 """
 
 from sentiment_jax.config_base import base_config, variant_data
@@ -24,4 +25,7 @@ def get_config(variant: str = "imdb"):
         # without the epoch-2 dip (docs/benchmarks.md, Model zoo). NusaX keeps its measured settings.
         c.model.embed_dropout = 0.4
         c.train.epochs = 4
+        # Embeddings started from skip-gram vectors of the training reviews (about 3 minutes of CPU):
+        # 88.95% ± 0.32 test over seeds 0-2 (validation 89.4-90.0%), against 87.93% from random vectors.
+        c.pretrain.embeddings = "word2vec"
     return variant_data(c, variant, "configs/bilstm_attention.py")
