@@ -111,7 +111,7 @@ def train(sequences: Sequence[np.ndarray], vocab_size: int, dim: int, *, epochs:
         pairs = skipgram_pairs(sequences, window, keep, rng)
         if not len(pairs):
             raise ValueError("word2vec: no (center, context) pairs; the texts are too short or too few, "
-                             "or pretrain.subsample is too high (0 keeps every word)")
+                             "or pretrain.subsample thins out too many words (0 keeps every word)")
         pairs = pairs[rng.permutation(len(pairs))]
         batch = min(batch_size, len(pairs))
         losses = []
