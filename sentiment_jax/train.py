@@ -403,9 +403,25 @@ def check_config(cfg) -> None:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
     if cfg.data.name == "nusax_senti":
         data_lib.nusax_train_languages(cfg.data)
+    check_pretrain(cfg)
     decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
     if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
         raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
+
+
+def check_pretrain(cfg) -> None:
+    p = cfg.get("pretrain")
+    if p is None or p.embeddings == "none":
+        return
+    if cfg.data.tokenizer.kind != "word":
+        raise ValueError(f"pretrain.embeddings '{p.embeddings}' needs data.tokenizer.kind 'word', "
+                         f"not '{cfg.data.tokenizer.kind}'")
+    for field in ("epochs", "window", "negatives", "batch_size"):
+        if not isinstance(p[field], int) or p[field] < 1:
+            raise ValueError(f"pretrain.{field} must be a positive integer, got {p[field]!r}")
+    if not p.learning_rate > 0 or not p.subsample >= 0:
+        raise ValueError(f"pretrain.learning_rate must be > 0 and pretrain.subsample >= 0 (0: no thinning), "
+                         f"got {p.learning_rate!r} and {p.subsample!r}")
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

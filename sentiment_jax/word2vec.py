@@ -137,8 +137,6 @@ def pretrained_embeddings(cfg, train_texts: Sequence[str], unlabeled_texts: Sequ
     p = cfg.get("pretrain")
     if p is None or p.embeddings == "none":
         return None
-    if tokenizer.kind != "word":
-        raise ValueError(f"pretrain.embeddings 'word2vec' needs data.tokenizer.kind 'word', not '{tokenizer.kind}'")
     texts = list(train_texts) + list(unlabeled_texts)
     blob = json.dumps([p.to_dict(), cfg.model.embed_dim, cfg.seed, len(texts)], sort_keys=True).encode()
     blob += (workdir / tokenization.TOKENIZER_FILE).read_bytes() + "\0".join(texts[:100]).encode()

@@ -89,8 +89,14 @@ def test_a_run_starts_from_the_cached_vectors(tmp_path):
         train.create_state(cfg, mesh, size, 2, total_steps=1, embeddings=table[:, :4])
 
 
-def test_word2vec_needs_word_tokens(tmp_path):
-    files = write_dataset(tmp_path)
-    cfg = tiny_config(files, **{"data.tokenizer.kind": "ngrams", "pretrain.embeddings": "word2vec"})
-    with pytest.raises(ValueError, match="needs data.tokenizer.kind 'word'"):
-        train.train_and_evaluate(cfg, tmp_path / "run")
+@pytest.mark.parametrize("field,value,message", [
+    ("data.tokenizer.kind", "ngrams", "needs data.tokenizer.kind 'word'"),
+    ("pretrain.window", 0, "pretrain.window must be a positive integer"),
+    ("pretrain.subsample", -1.0, "pretrain.subsample >= 0"),
+    ("pretrain.embeddings", "glove", "unknown pretrain.embeddings 'glove'"),
+])
+def test_pretrain_config_mistakes_fail_before_reading_data(field, value, message):
+    cfg = tiny_config({"train": "missing.csv", "test": "missing.csv"},
+                      **{"pretrain.embeddings": "word2vec", field: value})
+    with pytest.raises(ValueError, match=message):
+        train.check_config(cfg)
