@@ -386,7 +386,8 @@ CHOICES = {
     "pretrain.embeddings": lambda: ["none", "word2vec"],
 }
 
-OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend", "embeddings"}  # added later; the code defaults when absent
+# Fields added later: a run saved before them has none, and the code defaults.
+OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend", "embeddings"}
 
 
 def check_config(cfg) -> None:
