@@ -2,6 +2,7 @@
 
   python -m sentiment_jax.main --config=configs/nb_linear.py:nusax --workdir=runs/nb_linear_id   # NusaX-Senti
   python -m sentiment_jax.main --config=configs/nb_linear.py --workdir=runs/nb_linear            # IMDB
+  ... --config.data.train_on_validation=True   # the final refit on train + validation, tested at the last epoch
 The classical baseline that bag-of-n-gram papers compare against, trained by the same loop:
 each feature's per-class log-count ratio from the training split scales its input.
 """

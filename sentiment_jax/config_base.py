@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_examples = 0  # >0: a seeded random subset of every split, for quick runs
     d.max_test_examples = 0  # >0: a seeded random subset of the test split only (when test is costly to encode)
     d.unlabeled = False  # imdb: also read train/unsup's 50k unlabelled reviews (used by pretrain.embeddings only)
+    d.train_on_validation = False  # True: refit on train + validation (settings chosen before); test the last epoch
     d.max_length = 400
     d.padding = "pre"  # pre | post
     d.truncation = "pre"  # pre keeps the end of a long text

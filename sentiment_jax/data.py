@@ -432,6 +432,9 @@ def load_dataset(cfg) -> Dataset:
         unlabeled = subsample(unlabeled, cfg.max_examples, cfg.validation_seed)
     if cfg.get("max_test_examples"):
         splits["test"] = subsample(splits["test"], cfg.max_test_examples, cfg.validation_seed)
+    if cfg.get("train_on_validation"):  # the final refit: validation texts are training texts too
+        train, val = splits["train"], splits["validation"]
+        splits["train"] = Split(list(train.texts) + list(val.texts), np.concatenate([train.labels, val.labels]))
     for name, split in splits.items():
         if len(split.texts) == 0:
             raise DataError(f"dataset '{cfg.name}': the {name} split is empty; add data or "

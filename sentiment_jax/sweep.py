@@ -192,7 +192,8 @@ def run_row(run: Run, workdir: pathlib.Path) -> dict:
     if result is None:
         return row
     metric = "val/" + run.cfg.checkpoint.best_metric
-    best = max(epochs, key=lambda e: e[metric]) if epochs else {}
+    scored = [e for e in epochs if metric in e]  # none in a refit (data.train_on_validation)
+    best = max(scored, key=lambda e: e[metric]) if scored else {}
     row.update(status="done", trainable_params=result.get("trainable_params"),
                total_params=result.get("total_params"), val_accuracy=best.get("val/accuracy"),
                val_macro_f1=best.get("val/macro_f1"), test_accuracy=result["accuracy"],

@@ -405,6 +405,9 @@ def check_config(cfg) -> None:
     if cfg.data.name == "nusax_senti":
         data_lib.nusax_train_languages(cfg.data)
     check_pretrain(cfg)
+    refit = cfg.data.get("train_on_validation", False)  # absent in runs saved before it existed: off
+    if not isinstance(refit, bool):
+        raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
     decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
     if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
         raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
@@ -444,6 +447,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
                                                       dataset.num_classes), embeddings)
     counts = parameter_counts(state)
     is_main = jax.process_index() == 0
+    refit = cfg.data.get("train_on_validation", False)  # train already holds the validation texts (data.py)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     logging.info("data: %s", {s: len(v) for s, v in encoded.items()})
     logging.info("parameters: %s; mesh %s", counts, dict(mesh.shape))
@@ -512,22 +516,24 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         bar.close()
         host = jax.device_get(sums)
         seconds = prior_seconds + time.time() - t0
-        weights = model_item(state)  # the average when on: it picks the best checkpoint
-        val = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"], encoded["validation"],
-                             dataset.label_names)
-        scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"],
-                   "val/loss": val["loss"], "val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"],
-                   "epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds}
+        scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"]}
+        val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none
+        if not refit:
+            weights = model_item(state)  # the average when on: it picks the best checkpoint
+            report = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"],
+                                    encoded["validation"], dataset.label_names)
+            val = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+            scalars.update({"val/loss": report["loss"], **{f"val/{k}": v for k, v in val.items()}})
+        scalars.update({"epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds})
         writer.write(step, scalars, kind="epoch", epoch=epoch + 1)
         if is_main:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)
-        checkpoint(step, epoch + 1, 0, zero_metrics(mesh), 0.0,
-                   val={"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]})
+        checkpoint(step, epoch + 1, 0, zero_metrics(mesh), 0.0, val=val)
     mngr.wait_until_finished()
 
-    # Report on test with the best checkpoint, exactly as an eval-only run would.
-    result = evaluate(cfg, workdir, split="test", which="best", mngr=mngr, setup=setup, state=state,
-                      encoded=encoded, dataset=dataset)
+    # Report on test with the best checkpoint (a refit's last), exactly as an eval-only run would.
+    result = evaluate(cfg, workdir, split="test", which="latest" if refit else "best", mngr=mngr, setup=setup,
+                      state=state, encoded=encoded, dataset=dataset)
     result["wall_seconds"] = time.time() - t_start
     result.update(counts)
     writer.write(step, {"test/accuracy": result["accuracy"], "test/macro_f1": result["macro_f1"]}, kind="test")

@@ -194,3 +194,53 @@ def test_nb_linear_trains_and_restores_its_ratios(tmp_path):
     tf = np.array([np.sum(ids == i) for i in ids])
     p, k = explanation["probabilities"], explanation["predicted"]
     np.testing.assert_allclose(explanation["saliency"], (scores[:, k] - scores @ p) / tf, atol=1e-5)
+
+
+def test_refit_trains_on_validation_too_and_tests_the_last_epoch(tmp_path):
+    """data.train_on_validation: tokenizer, NB ratios and training see train + validation; no validation
+    figures; test reads the last checkpoint. The ratios are checked against a direct NumPy count."""
+    import csv
+
+    from sentiment_jax import runs
+
+    files = {s: write_split(tmp_path / f"{s}.csv", n, seed) for s, n, seed in
+             (("train", 240, 0), ("validation", 60, 2), ("test", 90, 1))}
+    rows = open(files["validation"]).read().splitlines()
+    open(files["validation"], "w").write("\n".join(rows + [f"999,valonly {rows[1].split(',')[1]},negative"]) + "\n")
+    cfg = tiny_config(files, **{"data.validation_file": files["validation"], "data.tokenizer.kind": "ngrams",
+                                "data.tokenizer.buckets": 500, "data.max_length": 256, "model.name": "nb_linear",
+                                "train.epochs": 3, "train.learning_rate": 0.05, "data.train_on_validation": True})
+    result = train.train_and_evaluate(cfg, tmp_path / "run")
+    epochs = runs.read_metrics(tmp_path / "run", "epoch")
+    assert len(epochs) == 3 and not any(k.startswith("val/") for e in epochs for k in e)
+    assert result["checkpoint"] == "latest" and result["checkpoint_step"] == 3 * -(-301 // 16)  # 301 texts, batch 16
+    assert result["macro_f1"] > 0.9
+    restored = runs.restore(tmp_path / "run")
+    assert "valonly" in restored.tokenizer.words  # a word seen only in validation is in the vocabulary
+
+    # NB log-count ratios by direct counting over the train and validation CSVs: p = 1 + texts of the class
+    # containing the id, q = 1 + other texts containing it, r = ln(p / sum p) - ln(q / sum q), 0 for unseen ids.
+    texts, labels = [], []
+    for split in ("train", "validation"):
+        for row in csv.DictReader(open(files[split])):
+            texts.append(row["text"])
+            labels.append(["negative", "neutral", "positive"].index(row["label"]))
+    vocab = restored.tokenizer.vocab_size
+    presence = np.zeros((len(texts), vocab))
+    for i, ids in enumerate(restored.tokenizer.encode(texts)):
+        presence[i, ids] = 1
+    onehot = np.eye(3)[labels]
+    in_class = presence.T @ onehot
+    other = presence.sum(0)[:, None] - in_class
+    p, q = 1 + in_class, 1 + other
+    want = np.where(presence.sum(0)[:, None] > 0, np.log(p / p.sum(0)) - np.log(q / q.sum(0)), 0)
+    np.testing.assert_allclose(np.asarray(restored.model.feature_weights[...]), want, rtol=1e-5, atol=1e-6)
+    train_only = presence[:240].T @ onehot[:240]
+    assert not np.allclose(in_class, train_only)  # validation's counts are in, so the check above can tell
+
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # as a hand-edited config.json could be
+    cfg.data.train_on_validation = "yes"
+    with pytest.raises(ValueError, match="data.train_on_validation must be True or False"):
+        train.check_config(cfg)

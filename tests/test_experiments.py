@@ -224,3 +224,18 @@ def test_sweep_of_tasks_gets_an_average_row_and_no_best_mark():
     # Runs that pick checkpoints by macro-F1 are compared by it too.
     rows[2]["val_macro_f1"] = 0.5
     assert sweep.group_rows(rows, metric="macro_f1")[0]["best"]
+
+
+def test_a_refit_run_has_no_validation_figures_and_is_never_the_best(tmp_path):
+    """A run with data.train_on_validation logs no val/ metrics: its row has none and validation cannot pick it."""
+    cfg = config_base.base_config()
+    folder = tmp_path / "refit" / "seed_0"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.9}))
+    epoch = {"kind": "epoch", "epoch": 1, "train/loss": 0.1, "epoch_seconds": 2.0, "train/examples_per_s": 5.0}
+    (folder / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    row = sweep.run_row(sweep.Run("refit", 0, cfg), tmp_path)
+    assert row["status"] == "done" and row["val_accuracy"] is None and row["test_macro_f1"] == 0.9
+    other = {**row, "name": "other", "folder": "other/seed_0", "val_accuracy": 0.5, "val_macro_f1": 0.5,
+             "test_accuracy": 0.1, "test_macro_f1": 0.1}
+    assert [g["best"] for g in sweep.group_rows([row, other])] == [False, True]
