@@ -1,0 +1,40 @@
+"""Ensembles of trained runs: the mean of the members' probabilities, scored like a single run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from sklearn.metrics import accuracy_score, f1_score
+
+from sentiment_jax import data, ensemble
+
+
+def test_ensemble_scores_the_mean_of_its_members_probabilities(trained_runs, predictors):
+    names = ("lstm", "transformer")  # two model families trained on the same generated data
+    report = ensemble.ensemble([trained_runs[n] for n in names], split="test")
+    test = data.load_dataset(predictors["lstm"].config.data).splits["test"]
+    member_probs = [predictors[n].predict(test.texts) for n in names]
+    mean = np.mean(member_probs, axis=0)
+    assert np.abs(member_probs[0] - member_probs[1]).max() > 0.05  # the average is not either member
+    probs, labels, _, _ = ensemble.mean_probabilities([trained_runs[n] for n in names], split="test")
+    np.testing.assert_allclose(probs, mean, rtol=1e-6)
+    np.testing.assert_array_equal(labels, test.labels)
+    assert report["macro_f1"] == pytest.approx(f1_score(test.labels, mean.argmax(-1), average="macro"))
+    assert report["accuracy"] == pytest.approx(accuracy_score(test.labels, mean.argmax(-1)))
+    for member, name in zip(report["members"], names):  # each as its own training run reported it
+        result = json.loads((trained_runs[name] / "result.json").read_text())
+        assert member["macro_f1"] == pytest.approx(result["macro_f1"])
+        assert member["checkpoint_step"] == result["checkpoint_step"]
+
+
+def test_ensemble_mistakes_are_one_line_errors(trained_runs):
+    with pytest.raises(ValueError, match="differ from those of"):  # 3 classes against 2
+        ensemble.ensemble([trained_runs["lstm"], trained_runs["gru"]])
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        ensemble.ensemble([trained_runs["lstm"], trained_runs["transformer"]], split="dev")
+    run = subprocess.run([sys.executable, "-m", "sentiment_jax.ensemble", f"--workdirs={trained_runs['lstm']}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == "error: an ensemble needs at least two workdirs, got 1"
