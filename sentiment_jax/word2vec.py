@@ -138,13 +138,15 @@ def pretrained_embeddings(cfg, train_texts: Sequence[str], unlabeled_texts: Sequ
     if p is None or p.embeddings == "none":
         return None
     texts = list(train_texts) + list(unlabeled_texts)
-    blob = json.dumps([p.to_dict(), cfg.model.embed_dim, cfg.seed, len(texts)], sort_keys=True).encode()
-    blob += (workdir / tokenization.TOKENIZER_FILE).read_bytes() + "\0".join(texts[:100]).encode()
-    file = workdir / EMBEDDINGS_FILE.format(key=hashlib.sha256(blob).hexdigest()[:16])
+    key = hashlib.sha256(json.dumps([p.to_dict(), cfg.model.embed_dim, cfg.seed], sort_keys=True).encode())
+    key.update((workdir / tokenization.TOKENIZER_FILE).read_bytes())
+    key.update("\0".join(texts).encode())  # every text: a tenth of a second for IMDB
+    file = workdir / EMBEDDINGS_FILE.format(key=key.hexdigest()[:16])
     if jax.process_index() == 0 and not file.is_file():
         print(f"word2vec: {len(train_texts):,} training + {len(texts) - len(train_texts):,} unlabeled texts",
               flush=True)
         t0 = time.time()
+        # Whole texts, not the training arrays, which are cut to data.max_length.
         table = train(tokenizer.encode(texts), tokenizer.vocab_size, cfg.model.embed_dim, epochs=p.epochs,
                       window=p.window, negatives=p.negatives, batch_size=p.batch_size,
                       learning_rate=p.learning_rate, subsample=p.subsample, seed=cfg.seed)
