@@ -159,7 +159,7 @@ def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
 
     if path.is_dir():
         for split in texts:
-            for label in label_names + (("unsup",) if split == "train" else ()):
+            for label in label_names + (("unsup",) if split == "train" and cfg.get("unlabeled") else ()):
                 for f in sorted((path / split / label).glob("*.txt")):
                     add(f"aclImdb/{split}/{label}/{f.name}", f.read_bytes())
     else:
