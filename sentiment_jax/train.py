@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sentiment_jax import checkpoints
+from sentiment_jax import config_base
 from sentiment_jax import data as data_lib
 from sentiment_jax import distributed
 from sentiment_jax import input_pipeline
@@ -368,69 +369,9 @@ def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, d
     return report
 
 
-CHOICES = {
-    "data.name": lambda: sorted(data_lib.SOURCES),
-    "data.inputs": lambda: ["tokens", "backbone_features"],
-    "data.padding": lambda: ["pre", "post"],
-    "data.truncation": lambda: ["pre", "post"],
-    "data.tokenizer.kind": lambda: ["word", "ngrams", "huggingface"],
-    "model.name": lambda: sorted(models.MODELS),
-    "model.dtype": lambda: sorted(models.DTYPES),
-    "model.lstm_backend": lambda: list(models.recurrent.BACKENDS),
-    "train.loss": lambda: ["softmax", "sigmoid"],
-    "train.schedule": lambda: ["cosine", "linear", "constant"],
-    "train.class_weights": lambda: ["none", "balanced"],
-    "model.bag_weights": lambda: ["uniform", "idf"],
-    "model.bag_norm": lambda: ["l1", "l2"],
-    "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
-    "pretrain.embeddings": lambda: ["none", "word2vec"],
-}
-
-# Fields added later: a run saved before them has none, and the code defaults.
-OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend", "embeddings"}
-
-
-def check_config(cfg) -> None:
-    """Fails in milliseconds, before any data is read, on a value that is not one of the choices."""
-    for field, choices in CHOICES.items():
-        value = functools.reduce(lambda c, k: c.get(k) if c is not None else None, field.split("."), cfg)
-        if value is None and field.split(".")[-1] in OPTIONAL:  # a run saved before the field existed
-            continue
-        if value not in choices():
-            raise ValueError(f"unknown {field} '{value}'; choose one of {choices()}")
-    for field in ("train.epochs", "train.batch_size", "train.eval_batch_size", "data.max_length"):
-        value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field} must be a positive integer, got {value!r}")
-    if cfg.data.name == "nusax_senti":
-        data_lib.nusax_train_languages(cfg.data)
-    check_pretrain(cfg)
-    refit = cfg.data.get("train_on_validation", False)  # absent in runs saved before it existed: off
-    if not isinstance(refit, bool):
-        raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
-    decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
-    if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
-
-
-def check_pretrain(cfg) -> None:
-    p = cfg.get("pretrain")
-    if p is None or p.embeddings == "none":
-        return
-    if cfg.data.tokenizer.kind != "word":
-        raise ValueError(f"pretrain.embeddings '{p.embeddings}' needs data.tokenizer.kind 'word', "
-                         f"not '{cfg.data.tokenizer.kind}'")
-    for field in ("epochs", "window", "negatives", "batch_size"):
-        if not isinstance(p[field], int) or p[field] < 1:
-            raise ValueError(f"pretrain.{field} must be a positive integer, got {p[field]!r}")
-    if not p.learning_rate > 0 or not p.subsample >= 0:
-        raise ValueError(f"pretrain.learning_rate must be > 0 and pretrain.subsample >= 0 (0: no thinning), "
-                         f"got {p.learning_rate!r} and {p.subsample!r}")
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
-    check_config(cfg)
+    config_base.check_config(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir)
@@ -548,7 +489,7 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
              mngr=None, setup: Setup | None = None, state: TrainState | None = None, encoded=None,
              dataset=None) -> dict:
     """Eval-only: restores the params of one checkpoint on the current devices and reports a split."""
-    check_config(cfg)
+    config_base.check_config(cfg)
     workdir = pathlib.Path(workdir)
     tokenizer = None
     if mngr is None and not (workdir / "checkpoints").is_dir():
