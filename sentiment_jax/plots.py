@@ -37,9 +37,11 @@ def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -
         for j, path in enumerate(paths):
             name = lambda what: f"{label} {what}" if j == 0 else None
             records = runs.read_metrics(path)
-            logged = [r for r in records if "train/step_loss" in r or "train/running_loss" in r]  # older: running
-            axes[0].plot([r["step"] for r in logged], [r.get("train/step_loss", r.get("train/running_loss")) for r in logged],
-                         "-", color=color, lw=0.8, alpha=0.6, label=name("train, per logged step"))
+            # Runs older than train/step_loss logged only the running mean since the epoch began.
+            logged = [(r["step"], r.get("train/step_loss", r.get("train/running_loss"))) for r in records
+                      if "train/step_loss" in r or "train/running_loss" in r]
+            axes[0].plot([s for s, _ in logged], [v for _, v in logged], "-", color=color, lw=0.8, alpha=0.6,
+                         label=name("train, per logged step"))
             rates = [r for r in records if "train/learning_rate" in r]
             axes[2].plot([r["step"] for r in rates], [r["train/learning_rate"] for r in rates], "-", color=color,
                          label=name("learning rate"))
