@@ -156,4 +156,7 @@ def test_wandb_offline_run_logs_the_scalars(tmp_path):
     assert {r["_step"]: r["train/step_loss"] for r in rows if "train/step_loss" in r} == pytest.approx(logged)
     result = json.loads((workdir / "result.json").read_text())
     assert [r["test/accuracy"] for r in rows if "test/accuracy" in r] == [pytest.approx(result["accuracy"])]
-    assert sum("val/confusion_matrix" in r for r in rows) == 1
+    images = [r["val/confusion_matrix/path"] for r in rows if r.get("val/confusion_matrix/_type") == "image-file"]
+    assert len(images) == 1
+    with Image.open(run_file.parent / "files" / images[0]) as image:
+        assert image.format == "PNG" and min(image.size) > 100
