@@ -411,7 +411,6 @@ def check_config(cfg) -> None:
     if cfg.data.name == "nusax_senti":
         data_lib.nusax_train_languages(cfg.data)
     check_pretrain(cfg)
-    metrics_lib.check_wandb(cfg.train.get("wandb_project", ""))
     refit = cfg.data.get("train_on_validation", False)  # absent in runs saved before it existed: off
     if not isinstance(refit, bool):
         raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
@@ -438,6 +437,7 @@ def check_pretrain(cfg) -> None:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
     check_config(cfg)
+    metrics_lib.check_wandb(cfg.train.get("wandb_project", ""))  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir)

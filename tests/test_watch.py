@@ -160,3 +160,26 @@ def test_wandb_offline_run_logs_the_scalars(tmp_path):
     assert len(images) == 1
     with Image.open(run_file.parent / "files" / images[0]) as image:
         assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_tokenizing_a_large_split_shows_a_bar_on_stderr_and_encodes_as_one_call(capsys):
+    import ml_collections
+
+    from sentiment_jax import data as data_lib
+    from sentiment_jax import input_pipeline, tokenization
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "plot", "film", "the", "zzz"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(input_pipeline.PROGRESS_FROM + 1)]
+    split = data_lib.Split(texts, np.zeros(len(texts), np.int32))
+    tokenizer = tokenization.WordTokenizer.fit(texts[:50], vocab_size=5)
+    cfg = ml_collections.ConfigDict({"max_length": 6, "padding": "pre", "truncation": "pre"})
+
+    encoded = input_pipeline.encode(split, tokenizer, cfg, desc="tokenize train")
+    assert "tokenize train" in capsys.readouterr().err
+    ids, lengths = tokenization.pad(tokenizer.encode(texts), 6, "pre", "pre")
+    np.testing.assert_array_equal(encoded.ids, ids)
+    np.testing.assert_array_equal(encoded.lengths, lengths)
+
+    input_pipeline.encode(data_lib.Split(texts[:100], split.labels[:100]), tokenizer, cfg, desc="tokenize test")
+    assert capsys.readouterr().err == ""
