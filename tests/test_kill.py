@@ -48,7 +48,7 @@ def start(workdir: pathlib.Path, data_dir: pathlib.Path, cache: pathlib.Path, ho
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                HOLD_SAVE=str(hold or ""), HOLD_MARK=str(held_mark(workdir)))
     log = open(workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(f'{workdir.name}.*.log')))}.log", "w")
-    return subprocess.Popen([sys.executable, "-c", LAUNCHER, f"--workdir={workdir}",
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, f"--workdir={workdir}", "--noplots",
                              *tiny_flags(data_dir, RUN)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
