@@ -36,6 +36,7 @@ def main(argv):
     import jax
 
     from sentiment_jax import checkpoints, data, distributed, predict, sharding, train
+    from sentiment_jax._extras import MissingExtra
 
     if FLAGS.cpu_devices:
         sharding.use_cpu_devices(FLAGS.cpu_devices)
@@ -56,7 +57,7 @@ def main(argv):
         else:
             train.evaluate(cfg, workdir, split=FLAGS.split or cfg.eval.split,
                            which=FLAGS.checkpoint or cfg.eval.checkpoint)
-    except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)

@@ -14,13 +14,13 @@ import json
 import pathlib
 import sys
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display needed
+from sentiment_jax import runs
+from sentiment_jax._extras import require
+
+require("matplotlib", "plots", program=__name__ == "__main__").use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sentiment_jax import runs  # noqa: E402
 
 
 def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -> pathlib.Path:

@@ -7,7 +7,7 @@ quick: 2,000-example subsets of each IMDB split, 200 tokens, 2 epochs (minutes o
 full:  all of IMDB with each model's own config file unchanged.
 """
 
-from sentiment_jax.sweep import QUICK_SET as QUICK
+from presets import QUICK
 
 MODELS = [
     {"name": "lstm", "config": "configs/lstm.py"},
