@@ -79,5 +79,10 @@ def parse_flags(argv):
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `sentiment-jax` command, the same as `python -m sentiment_jax.main`."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -342,6 +342,11 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `sentiment-jax-sweep` command, the same as `python -m sentiment_jax.sweep`."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

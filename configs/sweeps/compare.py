@@ -14,7 +14,7 @@ MODELS = [
     {"name": "bilstm_attention", "config": "configs/bilstm_attention.py"},
     {"name": "transformer", "config": "configs/transformer.py"},
     {"name": "simple_rnn", "config": "configs/rnn.py"},
-    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see setup.py
+    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see README.md
     {"name": "fasttext", "config": "configs/fasttext.py"},
     {"name": "nb_linear", "config": "configs/nb_linear.py"},
 ]
