@@ -21,8 +21,8 @@ def require(module: str, extra: str, *, program: bool = False) -> types.ModuleTy
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        error = MissingExtra(f"{module} is not installed (needed by {extra}); "
-                             f"install the extra: pip install 'sentiment_jax[{extra}]'", name=e.name)
+        error = MissingExtra(f"{module} is not installed; it comes with the '{extra}' extra: "
+                             f"pip install 'sentiment_jax[{extra}]'", name=e.name)
     if program:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

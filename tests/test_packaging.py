@@ -75,6 +75,6 @@ def run_without(module: str, program: str, *args: str, cwd=REPO) -> subprocess.C
 def test_a_program_without_its_extra_says_so_in_one_line(tmp_path, module, extra, program, args):
     proc = run_without(module, program, *(a.format(tmp=tmp_path) for a in args))
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.splitlines() == [f"error: {module} is not installed (needed by {extra}); "
-                                        f"install the extra: pip install 'sentiment_jax[{extra}]'"]
+    assert proc.stderr.splitlines() == [f"error: {module} is not installed; it comes with the '{extra}' extra: "
+                                        f"pip install 'sentiment_jax[{extra}]'"]
     assert not (tmp_path / "sweep").exists()  # the sweep stops before training anything
