@@ -51,7 +51,7 @@ def test_core_ranges_keep_an_installed_jax_of_either_series():
 def test_require_names_the_extra(monkeypatch):
     assert _extras.require("json", "serve").dumps([1]) == "[1]"
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(_extras.MissingExtra, match=r"^tokenizers is not installed .* pip install 'sentiment_jax\[hf\]'$"):
+    with pytest.raises(_extras.MissingExtra, match=r"^tokenizers is not installed; .* pip install 'sentiment_jax\[hf\]'$"):
         tokenization.HFTokenizer.from_folder("any")
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'sentiment_jax\[tfds\]'"):
