@@ -14,7 +14,7 @@ py="$tmp/venv/bin/python"
 import importlib.util
 import sys
 
-optional = ["fastapi", "uvicorn", "matplotlib", "datasets", "tokenizers", "safetensors", "huggingface_hub",
+optional = ["fastapi", "uvicorn", "wandb", "datasets", "tokenizers", "safetensors", "huggingface_hub",
             "tensorflow_datasets", "torch", "transformers", "pandas", "pyarrow", "pytest"]
 found = [m for m in optional if importlib.util.find_spec(m)]
 sys.exit(f"core only: the core install also brought {found}" if found else 0)
@@ -37,7 +37,8 @@ expect_extra() {
     fi
 }
 expect_extra serve "$py" -m sentiment_jax.serve --model=lstm="$run"
-expect_extra plots "$py" -m sentiment_jax.plots "$run"
+expect_extra wandb "$py" -m sentiment_jax.main --config=configs/lstm.py --config.train.wandb_project=demo \
+    --workdir="$tmp/wandb"
 expect_extra hf "$py" -m sentiment_jax.main --config=configs/lstm.py --config.data.name=huggingface \
     --config.data.hf_name=imdb --workdir="$tmp/hf"
 echo "core only: install, train, predict and missing-extra errors ok"

@@ -25,7 +25,6 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sentiment_jax import runs, train
-from sentiment_jax._extras import MissingExtra, require
 
 
 def tokens(run: runs.Restored, text: str) -> tuple[list[str], np.ndarray]:
@@ -140,7 +139,9 @@ def _word_grid(ax, words, scores, title, cmap, signed, per_row=12):
 
 def figure(explanation: dict, out: str | pathlib.Path) -> pathlib.Path:
     """One word heatmap per method in one PNG."""
-    require("matplotlib", "plots").use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     words = explanation["words"]
@@ -165,7 +166,9 @@ def figure(explanation: dict, out: str | pathlib.Path) -> pathlib.Path:
 
 def attention_figure(explanation: dict, out: str | pathlib.Path, max_words: int = 40) -> pathlib.Path:
     """Transformer maps, one panel per layer and head (rows: queries, columns: keys)."""
-    require("matplotlib", "plots").use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     maps, words = explanation["attention_maps"], explanation["words"][:max_words]
@@ -205,9 +208,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     try:
-        require("matplotlib", "plots")  # for the figures, checked before the model is restored
         explanation = explain(runs.restore(FLAGS.workdir, FLAGS.checkpoint), FLAGS.text)
-    except (MissingExtra, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     probs = ", ".join(f"{p:.3f}" for p in explanation["probabilities"])

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from sentiment_jax import runs, train
-from sentiment_jax._extras import MissingExtra, require
+from sentiment_jax._extras import MissingExtra
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPEC_KEYS = {"config", "set", "variants", "grid", "seeds", "compare"}
@@ -292,8 +292,6 @@ def run_sweep(spec_file: str, workdir: str | pathlib.Path, overrides: dict | Non
               seeds: list[int] | None = None, plots: bool = True) -> dict:
     """Expands, trains what is missing, summarises and draws; returns the summary."""
     workdir = pathlib.Path(workdir)
-    if plots:  # before the training, not after it
-        require("matplotlib", "plots")
     spec = load_python_file(spec_file, "get_sweep")
     if seeds:
         spec = {**spec, "seeds": seeds}
