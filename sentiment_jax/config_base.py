@@ -160,7 +160,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-
 # ---------------------------------------------------------------------------------------
 # Validation: every check of a config's values, run before any data is read.
 
