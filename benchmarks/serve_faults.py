@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import random
 import secrets
 import select
 import socket
@@ -31,8 +32,11 @@ from absl import app, flags
 import serve_load  # its flags (--workdir, --clients, --seconds, ...) are this script's too
 
 flags.DEFINE_integer("bad_clients", 2, "Threads of each kind of bad client.")
-flags.DEFINE_float("rate_limit", 100, "The server's --rate_limit (requests per second per key).")
-flags.DEFINE_integer("rate_burst", 20, "The server's --rate_burst.")
+flags.DEFINE_float("bad_interval", 0.02, "Each bad client thread (but the rate limit's abuser, who sends "
+                   "as fast as it can) starts a new connection at most this often, in seconds.")
+flags.DEFINE_float("rate_limit", 50, "The server's --rate_limit per key; keep it above what one well-behaved "
+                   "client sends alone (see alone.requests_per_s / clients) and below what the abuser sends.")
+flags.DEFINE_integer("rate_burst", 50, "The server's --rate_burst.")
 FLAGS = flags.FLAGS
 
 
@@ -58,80 +62,77 @@ def answer(sock: socket.socket) -> str:
     return first[1].decode() if len(first) > 1 else "closed"
 
 
-def trickle(url: str, key: str, until: float, counts: collections.Counter) -> None:
-    """A body of 1000 bytes, one byte every 0.5 s, until the server gives up on it."""
-    while time.monotonic() < until:
-        with connect(url) as sock:
-            sock.sendall(head(key, 1000))
-            try:
-                while not select.select([sock], [], [], 0.5)[0] and time.monotonic() < until:
-                    sock.sendall(b" ")
-                counts[f"trickle {answer(sock)}"] += 1
-            except OSError:
-                counts["trickle reset"] += 1
-
-
-def disconnect(url: str, key: str, until: float, counts: collections.Counter) -> None:
-    """Requests dropped within the head, within the body, or while the answer is computed."""
+def request(key: str) -> bytes:
     body = json.dumps({"texts": ["a film I would watch again"] * 8}).encode()
-    whole = head(key, len(body)) + body
-    for i in range(10**9):
-        if time.monotonic() > until:
-            break
-        with connect(url) as sock:
-            sock.sendall(whole[:(len(whole) * (i % 4 + 1)) // 4])
-        counts["disconnect"] += 1
+    return head(key, len(body)) + body
 
 
-def garbage(url: str, key: str, until: float, counts: collections.Counter) -> None:
-    """Random bytes, and heads of 20 kB."""
-    rng = np.random.default_rng(threading.get_ident() % 2**32)
-    for i in range(10**9):
-        if time.monotonic() > until:
-            break
-        with connect(url) as sock:
-            if i % 2:
-                sock.sendall(head(key, 0, f"X-Filler: {'a' * 20_000}\r\n")[:-4])
-                counts[f"oversized head {answer(sock)}"] += 1
-            else:
-                sock.sendall(rng.integers(0, 256, 512, dtype=np.uint8).tobytes() + b"\r\n\r\n")
-                counts[f"garbage {answer(sock)}"] += 1
+def trickle(sock: socket.socket, key: str, until: float) -> str:
+    """A body of 1000 bytes, a byte every 0.5 s, until the server gives up on it."""
+    sock.sendall(head(key, 1000))
+    while not select.select([sock], [], [], 0.5)[0] and time.monotonic() < until:
+        sock.sendall(b" ")
+    return f"trickled body {answer(sock)}"
 
 
-def endless_head(url: str, key: str, until: float, counts: collections.Counter) -> None:
-    """A request head sent a few bytes a second that never ends."""
+def endless_head(sock: socket.socket, key: str, until: float) -> str:
+    """A request head that grows by a header a second and never ends."""
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\n")
+    while not select.select([sock], [], [], 1)[0] and time.monotonic() < until:
+        sock.sendall(b"X-Slow: yes\r\n")
+    return f"endless head {answer(sock)}"
+
+
+def disconnect(sock: socket.socket, key: str, until: float) -> str:
+    """Gone within the head, within the body, or while the answer is computed."""
+    whole = request(key)
+    sock.sendall(whole[:len(whole) * random.randint(1, 4) // 4])
+    return "disconnected"
+
+
+def garbage(sock: socket.socket, key: str, until: float) -> str:
+    sock.sendall(random.randbytes(512) + b"\r\n\r\n")
+    return f"garbage {answer(sock)}"
+
+
+def oversized_head(sock: socket.socket, key: str, until: float) -> str:
+    sock.sendall(head(key, 0, f"X-Filler: {'a' * 20_000}\r\n")[:-4])
+    return f"20 kB head {answer(sock)}"
+
+
+def wrong_key(sock: socket.socket, key: str, until: float) -> str:
+    sock.sendall(request("not-a-key"))
+    return f"wrong key {answer(sock)}"
+
+
+def over_rate_limit(sock: socket.socket, key: str, until: float) -> str:
+    sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: bench\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n".encode())
+    return f"over rate limit {answer(sock)}"
+
+
+BAD = [trickle, endless_head, disconnect, garbage, oversized_head, wrong_key, over_rate_limit]
+
+
+def keep_trying(attempt, url: str, key: str, until: float, interval: float, counts: collections.Counter) -> None:
+    """`attempt` on a new connection every `interval` seconds (or as soon as the last one ends)."""
     while time.monotonic() < until:
-        with connect(url) as sock:
-            try:
-                sock.sendall(b"POST /v1/predict HTTP/1.1\r\n")
-                while not select.select([sock], [], [], 1)[0] and time.monotonic() < until:
-                    sock.sendall(b"X-Slow: yes\r\n")
-                counts[f"endless head {answer(sock)}"] += 1
-            except OSError:
-                counts["endless head reset"] += 1
+        t0 = time.monotonic()
+        try:
+            with connect(url) as sock:
+                counts[attempt(sock, key, until)] += 1
+        except OSError as e:
+            counts[f"{attempt.__name__} {type(e).__name__}"] += 1
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
 
 
-def loop_requests(kind: str):
-    def run(url: str, key: str, until: float, counts: collections.Counter) -> None:
-        with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=30) as c:
-            while time.monotonic() < until:
-                try:
-                    counts[f"{kind} {c.post('/v1/predict', json={'texts': ['good']}).status_code}"] += 1
-                except httpx.HTTPError as e:
-                    counts[f"{kind} {type(e).__name__}"] += 1
-    return run
-
-
-BAD = {"trickle": trickle, "disconnect": disconnect, "garbage": garbage, "endless_head": endless_head,
-       "wrong_key": loop_requests("wrong key"), "rate_limited": loop_requests("rate limited")}
-
-
-def bad_clients(url: str, keys: dict, per_kind: int, seconds: float, results) -> None:
+def bad_clients(url: str, keys: dict, per_kind: int, interval: float, seconds: float, results) -> None:
     """Every kind of bad client, `per_kind` threads each, in this (separate) process."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     until = time.monotonic() + seconds
-    runs = [(BAD[kind], keys.get(kind, keys["good"]), collections.Counter()) for kind in BAD for _ in range(per_kind)]
-    threads = [threading.Thread(target=run, args=(url, key, until, counts)) for run, key, counts in runs]
+    runs = [(attempt, keys["limited"] if attempt is over_rate_limit else keys["bad"], collections.Counter())
+            for attempt in BAD for _ in range(per_kind)]
+    threads = [threading.Thread(target=keep_trying, args=(attempt, url, key, until,
+                                                          0 if attempt is over_rate_limit else interval, counts))
+               for attempt, key, counts in runs]
     for t in threads:
         t.start()
     for t in threads:
@@ -157,8 +158,8 @@ def main(argv) -> None:
     workdir = pathlib.Path(FLAGS.workdir)
     texts = serve_load.test_texts(workdir, FLAGS.num_texts)
     good = [secrets.token_hex(16) for _ in range(FLAGS.clients)]  # one each: no well-behaved client is limited
-    keys = {"good": good[0], "rate_limited": secrets.token_hex(16), "wrong_key": "not-a-key"}
-    proc, url = serve_load.start_server(workdir, ",".join([*good, keys["rate_limited"]]),
+    keys = {"bad": secrets.token_hex(16), "limited": secrets.token_hex(16)}
+    proc, url = serve_load.start_server(workdir, ",".join([*good, *keys.values()]),
                                         f"--rate_limit={FLAGS.rate_limit}", f"--rate_burst={FLAGS.rate_burst}")
     report = {"clients": FLAGS.clients, "seconds": FLAGS.seconds, "bad_clients_per_kind": FLAGS.bad_clients,
               "load_avg_1min_before": round(os.getloadavg()[0], 1)}
@@ -168,7 +169,7 @@ def main(argv) -> None:
         report["alone"]["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
         results = multiprocessing.get_context("spawn").Queue()
         bad = multiprocessing.get_context("spawn").Process(
-            target=bad_clients, args=(url, keys, FLAGS.bad_clients, FLAGS.seconds, results))
+            target=bad_clients, args=(url, keys, FLAGS.bad_clients, FLAGS.bad_interval, FLAGS.seconds, results))
         bad.start()
         report["beside_bad_clients"] = summary(*serve_load.run_clients(
             url, good, texts, FLAGS.clients, FLAGS.texts_per_request, FLAGS.seconds))
