@@ -385,9 +385,10 @@ def main(argv) -> None:
                      body_timeout=FLAGS.body_timeout)
     # uvicorn bounds what reaches the app: h11 refuses a request head over MAX_HEAD_BYTES and
     # bytes that are not HTTP (400, then closes); over --max_connections it answers 503.
-    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, http=HeadDeadline, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-                timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=FLAGS.max_connections,
-                timeout_graceful_shutdown=DRAIN_S, access_log=False, log_level="info")
+    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, http=HeadDeadline,
+                h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
+                limit_concurrency=FLAGS.max_connections, timeout_graceful_shutdown=DRAIN_S,
+                access_log=False, log_level="info")
 
 
 def define_flags() -> None:
@@ -402,11 +403,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_texts", 64, "Most texts in one request (more: 413).")
     flags.DEFINE_integer("max_chars", 10_000, "Most characters in one text (more: 413).")
     flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default inference.BATCH_SIZES).")
-    flags.DEFINE_integer("queue_size", 64, "Requests that may wait for each model (more: 503 with Retry-After).")
-    flags.DEFINE_float("rate_limit", 0, "Requests per second allowed per API key (more: 429); 0: no limit.")
-    flags.DEFINE_integer("rate_burst", 20, "Requests one key may send at once within --rate_limit.")
-    flags.DEFINE_float("body_timeout", 10, "Seconds a request body may take to arrive (more: 408).")
-    flags.DEFINE_integer("max_connections", 256, "Open connections at most (more: 503 from uvicorn).")
+    flags.DEFINE_integer("queue_size", 64, "Requests that may wait for each model (more: 503 with Retry-After).",
+                         lower_bound=1)
+    flags.DEFINE_float("rate_limit", 0, "Requests per second allowed per API key (more: 429); 0: no limit.",
+                       lower_bound=0)
+    flags.DEFINE_integer("rate_burst", 20, "Requests one key may send at once within --rate_limit.", lower_bound=1)
+    flags.DEFINE_float("body_timeout", 10, "Seconds a request body may take to arrive (more: 408).", lower_bound=0.1)
+    flags.DEFINE_integer("max_connections", 256, "Open connections at most (more: 503 from uvicorn).", lower_bound=1)
 
 
 if __name__ == "__main__":
