@@ -287,13 +287,13 @@ def test_an_oversized_head_gets_400_without_waiting_for_its_end(server, client):
 
 
 def test_a_connection_that_never_finishes_its_head_is_closed(server):
+    t0 = time.perf_counter()
     with connect(server[0]) as silent, connect(server[0]) as trickling:
-        t0 = time.perf_counter()
         for part in (b"POST /v1/pre", b"dict HTTP/1.1\r\n", b"Host: a\r\n"):  # trickles, never ends
             trickling.sendall(part)
             time.sleep(1)
         assert read_until_closed(silent) == b"" and read_until_closed(trickling) == b""
-    assert serve.KEEP_ALIVE_S <= time.perf_counter() - t0 < serve.KEEP_ALIVE_S + 5
+    assert serve.KEEP_ALIVE_S - 0.5 <= time.perf_counter() - t0 < serve.KEEP_ALIVE_S + 5
 
 
 def test_the_server_survived_everything(server):
