@@ -8,7 +8,7 @@
 - dtype: `--config.model.dtype=bfloat16` only where the CPU has bfloat16 matmul units (avx512_bf16 or
   amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32.
 
-Measured in docs/benchmarks.md § Speed: devices and malloc 1.5x on 2 cores, bfloat16 a further 1.3-1.5x
+Measured in docs/results.md § Speed: devices and malloc 1.5x on 2 cores, bfloat16 a further 1.3-1.5x
 on AVX512-BF16 at the same IMDB accuracy. A setting the command (or, for malloc, the environment)
 already gives is kept. With an NVIDIA GPU present nothing is added: these are CPU settings.
 """
