@@ -441,14 +441,16 @@ def main(argv=None) -> int:
         "imdb": lambda: imdb_run(out / "imdb_lstm", args.imdb_flags.split(), env, log),
         "verbalizer": lambda: run_verbalizer(out, env, log),
     }
-    t0 = time.perf_counter()
+    t0, results["section_seconds"] = time.perf_counter(), {}
     for name in args.sections:
         log(f"{name} ...")
+        started = time.perf_counter()
         try:
             results[name] = sections[name]()
         except Exception as e:  # one failing section must not hide the others' figures
             results["errors"][name] = f"{type(e).__name__}: {e}"
             log(f"{name} failed: {results['errors'][name]}")
+        results["section_seconds"][name] = time.perf_counter() - started  # what sizes a rerun
     results["seconds"] = time.perf_counter() - t0
     results["rows"] = summary_rows(results)
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))

@@ -110,4 +110,5 @@ def test_smoke_run_on_cpu_writes_the_table_and_json(tmp_path):
     assert min(seconds.values()) >= 0
     assert sum(v for k, v in seconds.items() if k != "total") == pytest.approx(seconds["total"])
     assert len(result["imdb"]["epoch_seconds"]) == 1 and 0 <= result["imdb"]["accuracy"] <= 1
+    assert set(result["section_seconds"]) == {"throughput", "imdb"}
     assert "imdb launch to report s" in proc.stdout and "uni b8 float32 scan/torch" in proc.stdout
