@@ -13,7 +13,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
 export PEERS_HOME=${PEERS_HOME:-/tmp/peers}
 devices=${CPU_DEVICES:-$(nproc)}
-J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 PYTHONPATH=$repo $py -m sentiment_jax.bench_serve --cpu_devices $devices --model $model"
+J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $py $repo/benchmarks/paired_lstm_contender.py --cpu_devices $devices --model $model"
 TB="$PEERS_HOME/torch-venv/bin/python $repo/benchmarks/torch_autocast_peer.py --mode serve --model $model"
 raw="$PEERS_HOME/results/cpu_paired_${model}_$(date +%Y%m%d-%H%M%S).jsonl"
 cd "${PEERS_KIT:-$repo/../shared/bench/peers}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path checked in one command (sentiment_jax/gpu_check.py says what it runs; docs/scaling.md § GPU check):
+# The GPU path checked in one command (benchmarks/gpu_check.py says what it runs; docs/scaling.md § GPU check):
 #   benchmarks/gpu_check.sh [--out=gpu_check.json] [--sections=tests,throughput,imdb,verbalizer]
 # Uses the Python on PATH (or $PYTHON), which must already have JAX with its CUDA plugin and PyTorch.
 # Packages it lacks are installed offline from the wheels in benchmarks/wheels into a folder of their own.
@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SENTIMENT_JAX_DATA="${SENTIMENT_JAX_DATA:-$(cd .. && pwd)/shared/data}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m sentiment_jax.gpu_check --wheels=benchmarks/wheels "$@"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py --wheels=benchmarks/wheels "$@"

@@ -8,8 +8,12 @@ import sys
 import pytest
 
 from conftest import TINY_RUNS, tiny_flags
-from sentiment_jax import gpu_check
 from test_train import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+SCRIPT = str(REPO / "benchmarks" / "gpu_check.py")
 
 
 def test_paired_rounds_rotate_the_order_and_take_per_round_ratios():
@@ -82,7 +86,7 @@ def test_summary_rows_mark_targets_and_the_table_shows_them():
 
 
 def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sentiment_jax.gpu_check", f"--out={tmp_path / 'x.json'}"],
+    proc = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 'x.json'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("gpu_check: no CUDA GPU visible to JAX") and proc.stderr.count("\n") == 1
@@ -95,7 +99,7 @@ def test_smoke_run_on_cpu_writes_the_table_and_json(tmp_path):
     (tmp_path / "data").mkdir()
     flags = tiny_flags(tmp_path / "data", run)[1:]  # the check names the config itself
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-m", "sentiment_jax.gpu_check", "--platform=cpu", "--smoke",
+    proc = subprocess.run([sys.executable, SCRIPT, "--platform=cpu", "--smoke",
                            "--sections=throughput,imdb", f"--out={out}", f"--workdir={tmp_path / 'w'}",
                            f"--imdb_flags={' '.join(flags)}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

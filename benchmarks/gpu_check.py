@@ -1,6 +1,7 @@
 """The GPU path checked in one command: tests, LSTM throughput, an IMDB run and MiniLM features.
 
   benchmarks/gpu_check.sh [--out=gpu_check.json] [--sections=tests,throughput,imdb,verbalizer]
+  python benchmarks/gpu_check.py --platform=cpu --smoke --sections=throughput    # its CPU parts, tiny shapes
 
 Runs on a CUDA machine whose Python already has JAX with its CUDA plugin and PyTorch. Nothing
 comes from the network: the pure-Python packages the image lacks are installed from wheels in
@@ -36,7 +37,8 @@ import sys
 import time
 from typing import Callable
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
 
 # Tests that make sense on one GPU: none of them needs 8 simulated devices.
 GPU_TESTS = (
@@ -115,9 +117,11 @@ def synthetic_arrays(rows: int, length: int, vocab: int, seed: int = 0):
 
 
 def jax_runner(model, dtype, batch, backend, ids, labels, vocab):
-    from sentiment_jax import bench_serve
+    sys.path.insert(0, str(HERE))
+    import paired_lstm_contender  # the CPU paired bench's contender, at any batch and backend
 
-    info, timed = bench_serve.contender(model, ids, labels, batch=batch, dtype=dtype, backend=backend, vocab=vocab)
+    info, timed = paired_lstm_contender.contender(model, ids, labels, batch=batch, dtype=dtype, backend=backend,
+                                                  vocab=vocab)
     return info, lambda n: timed(n)["seconds"]
 
 
