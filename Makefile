@@ -51,8 +51,7 @@ lock:
 install: $(VENV)/.installed
 
 train: install
-	GLIBC_TUNABLES=$(GLIBC_TUNABLES) $(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm \
-		--cpu_devices=$(CPU_DEVICES)
+	$(PY) -m sentiment_jax.cpu_setup -- $(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q -n 2 --dist loadfile
