@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sentiment_jax._extras import require
+
 PAD_ID, UNK_ID = 0, 1
 _WORD = re.compile(r"[a-z0-9']+")
 _WORD_CASED = re.compile(r"[A-Za-z0-9']+")
@@ -131,8 +133,7 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | pathlib.Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer
-
+        Tokenizer = require("tokenizers", "hf").Tokenizer
         path = pathlib.Path(path).expanduser()
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -179,8 +180,7 @@ def load(directory: str | pathlib.Path):
     if payload["kind"] == "ngrams":
         return NgramTokenizer(payload["words"], payload["lowercase"], payload["char_ngrams"], payload["word_ngrams"],
                               payload["buckets"])
-    from tokenizers import Tokenizer
-
+    Tokenizer = require("tokenizers", "hf").Tokenizer
     return HFTokenizer(Tokenizer.from_file(str(directory / payload["file"])))
 
 
