@@ -24,7 +24,11 @@ class CheckpointError(RuntimeError):
 
 
 def manager(workdir: pathlib.Path, cfg, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """Keeps the `keep_latest` newest steps and the `keep_best` best by validation `best_metric`."""
+    """Keeps the `keep_latest` newest steps and the `keep_best` best by validation `best_metric`.
+
+    A step is written to `<step>.orbax-checkpoint-tmp*` and renamed when complete, so a save cut short
+    by a kill is never a step; a writable manager deletes such leftovers when it opens.
+    """
     metric = cfg.best_metric
     preservation = policies.AnyPreservationPolicy([
         policies.LatestN(n=cfg.keep_latest),
@@ -34,6 +38,7 @@ def manager(workdir: pathlib.Path, cfg, *, read_only: bool = False) -> ocp.Check
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, best_fn=lambda m: m[metric], best_mode="max",
         keep_checkpoints_without_metrics=True, read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=cfg.get("async_save", True))
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
                                  item_names=ITEMS)

@@ -4,6 +4,10 @@ Config files change what differs and may take a variant (`--config=configs/lstm.
 single fields are overridden on the command line (`--config.model.hidden_sizes=256,`).
 """
 
+import dataclasses
+import functools
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -154,6 +158,174 @@ def base_config() -> ml_collections.ConfigDict:
     e.split = "test"
     e.checkpoint = "best"  # best | latest | a step number
     return c
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: every check of a config's values, run before any data is read.
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (of every entry, for a tuple field)."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    open_low: bool = False  # low itself is excluded
+    open_high: bool = False
+
+    def admits(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        return math.isfinite(value) and (
+            self.low is None or (value > self.low if self.open_low else value >= self.low)) and (
+            self.high is None or (value < self.high if self.open_high else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.integer and self.high is None:
+            return "a positive integer" if self.low == 1 else "an integer" + (
+                "" if self.low is None else f" >= {self.low}")
+        if self.high is None:
+            return f"> {self.low}" if self.open_low else f">= {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+POSITIVE_INT = Range(1, integer=True)
+COUNT = Range(0, integer=True)  # 0 usually means off or all
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+DROPOUT = Range(0, 1, open_high=True)
+
+# Every numeric field of base_config() and its valid values (tests/test_config.py checks none is missing).
+RANGES = {
+    "seed": COUNT,
+    "data.validation_fraction": Range(0, 1, open_high=True),
+    "data.validation_seed": COUNT,
+    "data.max_examples": COUNT,
+    "data.max_test_examples": COUNT,
+    "data.max_length": POSITIVE_INT,
+    "data.bucket_width": COUNT,
+    "data.tokenizer.vocab_size": Range(3, integer=True),  # padding, unknown and at least one word
+    "data.tokenizer.char_ngrams": COUNT,
+    "data.tokenizer.word_ngrams": POSITIVE_INT,
+    "data.tokenizer.buckets": POSITIVE_INT,
+    "model.embed_dim": POSITIVE_INT,
+    "model.hidden_sizes": POSITIVE_INT,
+    "model.attention_dim": POSITIVE_INT,
+    "model.num_layers": POSITIVE_INT,
+    "model.num_heads": POSITIVE_INT,
+    "model.mlp_dim": POSITIVE_INT,
+    "model.max_positions": POSITIVE_INT,
+    "model.dropout": DROPOUT,
+    "model.embed_dropout": DROPOUT,
+    "model.word_dropout": DROPOUT,
+    "model.head_sizes": POSITIVE_INT,
+    "model.unroll": POSITIVE_INT,
+    "backbone.layers": Range(integer=True),  # negative counts from the last layer
+    "backbone.windows": POSITIVE_INT,
+    "backbone.batch_size": POSITIVE_INT,
+    "backbone.bucket_width": POSITIVE_INT,
+    "pretrain.epochs": POSITIVE_INT,
+    "pretrain.window": POSITIVE_INT,
+    "pretrain.negatives": POSITIVE_INT,
+    "pretrain.batch_size": POSITIVE_INT,
+    "pretrain.learning_rate": POSITIVE,
+    "pretrain.subsample": NON_NEGATIVE,
+    "train.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.eval_batch_size": POSITIVE_INT,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_fraction": FRACTION,
+    "train.final_lr_fraction": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.b1": DROPOUT,
+    "train.b2": DROPOUT,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.confidence_penalty": NON_NEGATIVE,
+    "train.ema_decay": DROPOUT,
+    "train.log_every": POSITIVE_INT,
+    "checkpoint.every_steps": COUNT,
+    "checkpoint.keep_latest": POSITIVE_INT,
+    "checkpoint.keep_best": POSITIVE_INT,
+    "mesh.shape": Range(-1, integer=True),  # -1: the remaining devices
+    "mesh.num_devices": COUNT,
+}
+
+
+def choices() -> dict[str, list[str]]:
+    """The allowed values of every field that names one of several things."""
+    from sentiment_jax import data, models
+
+    return {
+        "data.name": sorted(data.SOURCES),
+        "data.inputs": ["tokens", "backbone_features"],
+        "data.padding": ["pre", "post"],
+        "data.truncation": ["pre", "post"],
+        "data.tokenizer.kind": ["word", "ngrams", "huggingface"],
+        "model.name": sorted(models.MODELS),
+        "model.dtype": sorted(models.DTYPES),
+        "model.lstm_backend": list(models.recurrent.BACKENDS),
+        "model.bag_weights": ["uniform", "idf"],
+        "model.bag_norm": ["l1", "l2"],
+        "train.loss": ["softmax", "sigmoid"],
+        "train.schedule": ["cosine", "linear", "constant"],
+        "train.class_weights": ["none", "balanced"],
+        "checkpoint.best_metric": ["accuracy", "macro_f1"],
+        "pretrain.embeddings": ["none", "word2vec"],
+    }
+
+
+ABSENT = object()
+
+
+def get_field(cfg, field: str):
+    """cfg's value at a dotted field name, or ABSENT (a run saved before the field existed: the code's
+    default applies, so there is nothing to check)."""
+    return functools.reduce(lambda c, k: c[k] if c is not ABSENT and k in c else ABSENT, field.split("."), cfg)
+
+
+def check_config(cfg) -> None:
+    """Fails in milliseconds, before any data is read, with one line naming the field, its value and
+    what it may be: a name that is not one of the choices, a number out of its range, a mesh that
+    does not fit the devices, or fields that do not go together."""
+    for field, allowed in choices().items():
+        value = get_field(cfg, field)
+        if value is not ABSENT and value not in allowed:
+            raise ValueError(f"unknown {field} '{value}'; choose one of {allowed}")
+    for field, valid in RANGES.items():
+        value = get_field(cfg, field)
+        for v in value if isinstance(value, (list, tuple)) else () if value is ABSENT else (value,):
+            if not valid.admits(v):
+                raise ValueError(f"{field} must be {valid}, got {value!r}")
+    refit = get_field(cfg, "data.train_on_validation")
+    if refit is not ABSENT and not isinstance(refit, bool):
+        raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
+    if cfg.data.name == "nusax_senti":
+        from sentiment_jax import data
+
+        data.nusax_train_languages(cfg.data)
+    check_pretrain(cfg)
+    check_mesh(cfg)
+
+
+def check_pretrain(cfg) -> None:
+    embeddings = get_field(cfg, "pretrain.embeddings")
+    if embeddings not in (ABSENT, "none") and cfg.data.tokenizer.kind != "word":
+        raise ValueError(f"pretrain.embeddings '{embeddings}' needs data.tokenizer.kind 'word', "
+                         f"not '{cfg.data.tokenizer.kind}'")
+
+
+def check_mesh(cfg) -> None:
+    """The mesh fits the devices, and the global batches split evenly over its data-parallel part."""
+    from sentiment_jax import sharding
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    parallel = math.prod(mesh.shape[a] for a in cfg.mesh.data_axes)
+    for field in ("train.batch_size", "train.eval_batch_size"):
+        if get_field(cfg, field) % parallel:
+            raise ValueError(f"{field}={get_field(cfg, field)} does not split over the {parallel} data-parallel "
+                             f"devices of mesh {dict(mesh.shape)}; make it a multiple of {parallel}")
 
 
 def variant_data(c: ml_collections.ConfigDict, variant: str, config_file: str) -> ml_collections.ConfigDict:

@@ -33,6 +33,8 @@ NUSAX_LANGUAGES = (
     "javanese", "madurese", "minangkabau", "ngaju", "sundanese", "toba_batak",
 )
 NUSAX_LABELS = ("negative", "neutral", "positive")
+# The longest CSV field read, in characters (Python's csv module stops at 131,072 by default).
+MAX_FIELD_CHARS = 10_000_000
 
 
 class DataError(ValueError):
@@ -124,7 +126,7 @@ def _download(url: str, target: pathlib.Path, md5: str) -> pathlib.Path:
 
 def _decode(raw: bytes, where: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # drops the byte-order mark that Excel puts first
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
                         "re-encode the file as UTF-8") from None
@@ -184,9 +186,14 @@ def _read_rows(path: pathlib.Path, fmt: str) -> Iterable[tuple[int, dict]]:
         raise DataError(f"{path}: file not found; check the data path")
     text = _decode(path.read_bytes(), str(path))
     if fmt == "csv":
+        csv.field_size_limit(MAX_FIELD_CHARS)
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as e:  # in practice a field over the limit
+            raise DataError(f"{path}:{reader.reader.line_num}: unreadable CSV ({e}); a field may hold up to "
+                            f"{MAX_FIELD_CHARS:,} characters, so shorten or split longer texts") from None
     else:
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -217,29 +224,45 @@ def read_table(path: pathlib.Path, fmt: str, text_field: str, label_field: str,
     return texts, raw_labels
 
 
-def _map_labels(raw_labels, label_names: Sequence[str]) -> np.ndarray:
+def _is_integer(label) -> bool:
+    return str(label).strip().lstrip("-").isdigit()
+
+
+def infer_label_names(raw_train) -> tuple[str, ...]:
+    """The distinct labels of the training split, sorted (as numbers when all are integers)."""
+    found = {str(v).strip() for v, _ in raw_train}
+    return tuple(sorted(found, key=int if all(map(_is_integer, found)) else str))
+
+
+def _map_labels(raw_labels, label_names: Sequence[str], indices: bool) -> np.ndarray:
+    """Labels -> class ids by name. An integer that names no class is a class index only when `indices`
+    (the class names were given, so their order is known); otherwise it is the mistake of mixing
+    names and numbers, e.g. 0/1 in a test file whose training file says neg/pos."""
     index = {str(name): i for i, name in enumerate(label_names)}
     out = []
     for value, where in raw_labels:
         key = str(value).strip()
-        if key not in index:
-            # Integer labels are accepted as class indices.
-            if key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names):
-                out.append(int(key))
-                continue
+        if key in index:
+            out.append(index[key])
+        elif _is_integer(key) and indices and 0 <= int(key) < len(label_names):
+            out.append(int(key))
+        elif _is_integer(key) and not indices and not all(map(_is_integer, label_names)):
+            raise DataError(f"{where}: label '{value}' is a number but the training labels are names "
+                            f"{list(label_names)}; write the names, or set --config.data.label_names="
+                            f"{','.join(label_names)} to read numbers as class indices in that order")
+        else:
             raise DataError(f"{where}: unknown label '{value}'; expected one of "
                             f"{list(label_names)} (set --config.data.label_names)")
-        out.append(index[key])
     return np.asarray(out, np.int32)
 
 
 def _load_tables(files: dict[str, pathlib.Path], fmt: str, cfg):
-    label_names = tuple(cfg.get("label_names") or ())
-    read = {s: read_table(p, fmt, cfg.text_field, cfg.label_field, label_names)
+    given = tuple(cfg.get("label_names") or ())
+    read = {s: read_table(p, fmt, cfg.text_field, cfg.label_field, given)
             for s, p in files.items()}
-    if not label_names:  # infer from the training split, sorted for determinism
-        label_names = tuple(sorted({str(v).strip() for v, _ in read["train"][1]}))
-    splits = {s: Split(texts, _map_labels(raw, label_names)) for s, (texts, raw) in read.items()}
+    label_names = given or infer_label_names(read["train"][1])
+    splits = {s: Split(texts, _map_labels(raw, label_names, indices=bool(given)))
+              for s, (texts, raw) in read.items()}
     return splits, label_names
 
 
@@ -341,9 +364,9 @@ def load_huggingface(cfg):
                          [(v, where(i)) for i, v in enumerate(rows[cfg.label_field])])
     if "train" not in raw:
         raise DataError(f"Hugging Face dataset '{name}' has no train split")
-    if not label_names:
-        label_names = tuple(sorted({str(v) for v, _ in raw["train"][1]}))
-    return {s: Split(t, _map_labels(r, label_names)) for s, (t, r) in raw.items()}, label_names
+    indices = bool(label_names)  # given, or the dataset's own class names (integers index them)
+    label_names = label_names or infer_label_names(raw["train"][1])
+    return {s: Split(t, _map_labels(r, label_names, indices)) for s, (t, r) in raw.items()}, label_names
 
 
 def load_tfds(cfg):
@@ -439,4 +462,8 @@ def load_dataset(cfg) -> Dataset:
         if len(split.texts) == 0:
             raise DataError(f"dataset '{cfg.name}': the {name} split is empty; add data or "
                             "lower --config.data.validation_fraction")
+    classes = np.unique(splits["train"].labels)
+    if len(classes) < 2:
+        raise DataError(f"dataset '{cfg.name}': every training example has the label '{label_names[classes[0]]}'; "
+                        "a classifier needs examples of at least 2 classes to learn from")
     return Dataset(cfg.name, tuple(str(n) for n in label_names), splits, unlabeled.texts)

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from sentiment_jax import runs, train
+from sentiment_jax import config_base, runs, train
 from sentiment_jax._extras import MissingExtra
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def expand(spec: dict, overrides: dict | None = None, where: str = "sweep") -> l
                 for field, value in [*(spec.get("set") or {}).items(), *(variant.get("set") or {}).items(),
                                      *point.items(), *(overrides or {}).items(), ("seed", seed)]:
                     set_field(cfg, field, value, f"{where} ({name})")
-                train.check_config(cfg)
+                config_base.check_config(cfg)
                 runs_.append(Run(name, seed, cfg))
     return runs_
 

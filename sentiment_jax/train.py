@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sentiment_jax import checkpoints
+from sentiment_jax import config_base
 from sentiment_jax import data as data_lib
 from sentiment_jax import distributed
 from sentiment_jax import input_pipeline
@@ -240,6 +241,24 @@ def class_weights(cfg, labels: np.ndarray, num_classes: int) -> np.ndarray | Non
     return (len(labels) / (num_classes * counts)).astype(np.float32)
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the parameters became NaN or infinite."""
+
+
+def check_finite(host_sums: dict, step: int, finite_at: int, mngr) -> int:
+    """Returns `step` if the running loss (as fetched for logging or saving) is finite; else waits for the
+    saves in flight, all of finite states, and stops the run. The step makes the running loss NaN when
+    its loss or new state is not finite, so this costs no extra fetch and nothing non-finite is saved."""
+    if np.isfinite(host_sums["loss_sum"]):
+        return step
+    mngr.wait_until_finished()
+    where = f"step {step}" if step == finite_at + 1 else f"a step from {finite_at + 1} to {step}"
+    raise TrainingDiverged(
+        f"training diverged: the loss or parameters became NaN/inf at {where}; the checkpoints keep the last "
+        f"finite state (latest step {mngr.latest_step()}); fix the config (e.g. a lower "
+        "--config.train.learning_rate) and rerun with the same --workdir to resume from it")
+
+
 def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights: np.ndarray | None = None,
                     ema_decay: float = 0.0):
     """`class_weights` [K]: each example's loss is scaled by its class's weight (reported losses are not).
@@ -269,8 +288,11 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights
             rate = (1 - ema_decay) / (1 - ema_decay ** (state.step + 1).astype(jnp.float32))
             ema = jax.tree.map(lambda e, p: e + rate.astype(e.dtype) * (p - e), state.ema, params)
         correct = (predictions(logits) == batch["label"]) * batch["weight"]
-        sums = {"loss_sum": sums["loss_sum"] + jnp.sum(losses), "correct": sums["correct"] + jnp.sum(correct),
-                "count": sums["count"] + jnp.sum(batch["weight"])}
+        # A non-finite loss or new state makes the running loss NaN, which check_finite reads on the host.
+        finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(),
+                                                               (params, rest, opt_state)))
+        sums = {"loss_sum": sums["loss_sum"] + jnp.where(finite, jnp.sum(losses), jnp.nan),
+                "correct": sums["correct"] + jnp.sum(correct), "count": sums["count"] + jnp.sum(batch["weight"])}
         return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state, ema=ema), sums
 
     metric_sharding = {k: sharding.replicated(setup.mesh) for k in METRIC_KEYS}
@@ -374,69 +396,9 @@ def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, d
     return report
 
 
-CHOICES = {
-    "data.name": lambda: sorted(data_lib.SOURCES),
-    "data.inputs": lambda: ["tokens", "backbone_features"],
-    "data.padding": lambda: ["pre", "post"],
-    "data.truncation": lambda: ["pre", "post"],
-    "data.tokenizer.kind": lambda: ["word", "ngrams", "huggingface"],
-    "model.name": lambda: sorted(models.MODELS),
-    "model.dtype": lambda: sorted(models.DTYPES),
-    "model.lstm_backend": lambda: list(models.recurrent.BACKENDS),
-    "train.loss": lambda: ["softmax", "sigmoid"],
-    "train.schedule": lambda: ["cosine", "linear", "constant"],
-    "train.class_weights": lambda: ["none", "balanced"],
-    "model.bag_weights": lambda: ["uniform", "idf"],
-    "model.bag_norm": lambda: ["l1", "l2"],
-    "checkpoint.best_metric": lambda: ["accuracy", "macro_f1"],
-    "pretrain.embeddings": lambda: ["none", "word2vec"],
-}
-
-# Fields added later: a run saved before them has none, and the code defaults.
-OPTIONAL = {"class_weights", "bag_weights", "bag_norm", "lstm_backend", "embeddings"}
-
-
-def check_config(cfg) -> None:
-    """Fails in milliseconds, before any data is read, on a value that is not one of the choices."""
-    for field, choices in CHOICES.items():
-        value = functools.reduce(lambda c, k: c.get(k) if c is not None else None, field.split("."), cfg)
-        if value is None and field.split(".")[-1] in OPTIONAL:  # a run saved before the field existed
-            continue
-        if value not in choices():
-            raise ValueError(f"unknown {field} '{value}'; choose one of {choices()}")
-    for field in ("train.epochs", "train.batch_size", "train.eval_batch_size", "data.max_length"):
-        value = functools.reduce(lambda c, k: c[k], field.split("."), cfg)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field} must be a positive integer, got {value!r}")
-    if cfg.data.name == "nusax_senti":
-        data_lib.nusax_train_languages(cfg.data)
-    check_pretrain(cfg)
-    refit = cfg.data.get("train_on_validation", False)  # absent in runs saved before it existed: off
-    if not isinstance(refit, bool):
-        raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
-    decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
-    if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
-
-
-def check_pretrain(cfg) -> None:
-    p = cfg.get("pretrain")
-    if p is None or p.embeddings == "none":
-        return
-    if cfg.data.tokenizer.kind != "word":
-        raise ValueError(f"pretrain.embeddings '{p.embeddings}' needs data.tokenizer.kind 'word', "
-                         f"not '{cfg.data.tokenizer.kind}'")
-    for field in ("epochs", "window", "negatives", "batch_size"):
-        if not isinstance(p[field], int) or p[field] < 1:
-            raise ValueError(f"pretrain.{field} must be a positive integer, got {p[field]!r}")
-    if not p.learning_rate > 0 or not p.subsample >= 0:
-        raise ValueError(f"pretrain.learning_rate must be > 0 and pretrain.subsample >= 0 (0: no thinning), "
-                         f"got {p.learning_rate!r} and {p.subsample!r}")
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
-    check_config(cfg)
+    config_base.check_config(cfg)
     metrics_lib.check_wandb(cfg.train.get("wandb_project", ""))  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -486,15 +448,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     step = int(state.step)
     writer.write(step, counts, kind="params")
 
-    def checkpoint(step, epoch, index, sums, seconds, val=None):
+    def checkpoint(step, epoch, index, host_sums, seconds, val=None):
         checkpoints.save(mngr, step, model_item(state), train_item(state),
                          {"epoch": epoch, "batch_index": index, "epoch_seconds": seconds,
                           "ema_decay": cfg.train.get("ema_decay", 0.0),
                           **checkpoints.data_position(cfg.train.batch_size),
-                          "epoch_sums": {k: float(v) for k, v in jax.device_get(sums).items()}},
+                          "epoch_sums": {k: float(v) for k, v in host_sums.items()}},
                          metrics=val)
 
     first_epoch, first_index = divmod(step, steps_per_epoch)
+    finite_at = step  # the last step after which the running loss was seen finite
     for epoch in range(first_epoch, cfg.train.epochs):
         start = first_index if epoch == first_epoch else 0
         sums = zero_metrics(mesh)
@@ -504,29 +467,32 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
                     for k in METRIC_KEYS}
             prior_seconds = meta["epoch_seconds"]
         t0 = time.time()
-        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not is_main, mininterval=1, dynamic_ncols=True)
         seen, t_log, logged = 0, time.time(), jax.device_get(sums)
-        for index, batch in train_batches.epoch(epoch, start):
-            state, sums = train_step(state, sharding.put_batch(batch, setup.batch_sharding), sums)
-            step += 1
-            seen += len(batch["label"]) * jax.process_count()
-            bar.update(1)
-            if step % cfg.train.log_every == 0:
-                host = jax.device_get(sums)
-                rate = seen / (time.time() - t_log)
-                step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
-                seen, t_log, logged = 0, time.time(), host
-                bar.set_postfix(loss=f"{host['loss_sum'] / host['count']:.4f}",
-                                acc=f"{host['correct'] / host['count']:.4f}", ex_s=f"{rate:.0f}")
-                writer.write(step, {"train/running_loss": host["loss_sum"] / host["count"],
-                                    "train/step_loss": step_loss, "train/examples_per_s": rate,
-                                    "train/learning_rate": schedule(step - 1) if callable(schedule) else schedule})
-            at_epoch_end = index + 1 == steps_per_epoch
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
-                checkpoint(step, epoch, index + 1, sums, prior_seconds + time.time() - t0)
-        bar.close()
+        with tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                  disable=not is_main, mininterval=1, dynamic_ncols=True) as bar:  # closed on errors too
+            for index, batch in train_batches.epoch(epoch, start):
+                state, sums = train_step(state, sharding.put_batch(batch, setup.batch_sharding), sums)
+                step += 1
+                seen += len(batch["label"]) * jax.process_count()
+                bar.update(1)
+                at_epoch_end = index + 1 == steps_per_epoch
+                save = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end
+                if step % cfg.train.log_every == 0 or save:  # the only fetches of the sums mid-epoch
+                    host = jax.device_get(sums)
+                    finite_at = check_finite(host, step, finite_at, mngr)
+                if step % cfg.train.log_every == 0:
+                    rate = seen / (time.time() - t_log)
+                    step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
+                    seen, t_log, logged = 0, time.time(), host
+                    bar.set_postfix(loss=f"{host['loss_sum'] / host['count']:.4f}",
+                                    acc=f"{host['correct'] / host['count']:.4f}", ex_s=f"{rate:.0f}")
+                    writer.write(step, {"train/running_loss": host["loss_sum"] / host["count"],
+                                        "train/step_loss": step_loss, "train/examples_per_s": rate,
+                                        "train/learning_rate": schedule(step - 1) if callable(schedule) else schedule})
+                if save:
+                    checkpoint(step, epoch, index + 1, host, prior_seconds + time.time() - t0)
         host = jax.device_get(sums)
+        finite_at = check_finite(host, step, finite_at, mngr)
         seconds = prior_seconds + time.time() - t0
         scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"]}
         val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none
@@ -541,7 +507,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         writer.write(step, scalars, kind="epoch", epoch=epoch + 1)
         if is_main:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)
-        checkpoint(step, epoch + 1, 0, zero_metrics(mesh), 0.0, val=val)
+        checkpoint(step, epoch + 1, 0, dict.fromkeys(METRIC_KEYS, 0.0), 0.0, val=val)
     mngr.wait_until_finished()
 
     # Report on test with the best checkpoint (a refit's last), exactly as an eval-only run would.
@@ -562,7 +528,7 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
              mngr=None, setup: Setup | None = None, state: TrainState | None = None, encoded=None,
              dataset=None) -> dict:
     """Eval-only: restores the params of one checkpoint on the current devices and reports a split."""
-    check_config(cfg)
+    config_base.check_config(cfg)
     workdir = pathlib.Path(workdir)
     tokenizer = None
     if mngr is None and not (workdir / "checkpoints").is_dir():

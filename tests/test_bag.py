@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from sentiment_jax import data as data_lib
-from sentiment_jax import tokenization, train
+from sentiment_jax import config_base, tokenization, train
 from sentiment_jax.models import bag
 from helpers import padded, tiny_config
 from test_multiclass import write_split
@@ -243,4 +243,4 @@ def test_refit_trains_on_validation_too_and_tests_the_last_epoch(tmp_path):
     cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # as a hand-edited config.json could be
     cfg.data.train_on_validation = "yes"
     with pytest.raises(ValueError, match="data.train_on_validation must be True or False"):
-        train.check_config(cfg)
+        config_base.check_config(cfg)

@@ -283,3 +283,70 @@ def test_huggingface_subword_tokenizer_from_a_folder(tmp_path):
     run.mkdir()
     hf.save(run)
     assert tokenization.load(run).encode(["film good"])[0].tolist() == [2, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile files: numbers for names, byte-order marks, very long fields, one class.
+
+
+def test_integer_labels_beside_named_training_labels_are_an_error_naming_file_line_and_fix(tmp_path):
+    cfg = csv_cfg(tmp_path, GOOD, ['9,"fine movie",pos', '10,"bad one",0'])
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(cfg)
+    message = str(e.value)
+    assert "test.csv:3: label '0' is a number but the training labels are names ['neg', 'pos']" in message
+    assert "--config.data.label_names=neg,pos" in message and "\n" not in message
+    jsonl = tmp_path / "test.jsonl"  # JSON numbers too
+    jsonl.write_text('{"text": "fine", "label": "pos"}\n{"text": "bad", "label": 1}\n')
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in
+                               [("good", "pos"), ("bad", "neg"), ("great", "pos"), ("awful", "neg")]))
+    with pytest.raises(data.DataError, match=r"test.jsonl:2: label '1' is a number"):
+        data.load_dataset(data_cfg(name="jsonl", train_file=str(train), test_file=str(jsonl),
+                                   validation_fraction=0.5))
+
+
+def test_integer_labels_are_class_indices_when_label_names_say_so_or_every_split_is_numeric(tmp_path):
+    ds = data.load_dataset(csv_cfg(tmp_path, GOOD, ['9,"fine movie",1', '10,"bad one",neg'],
+                                   label_names=("neg", "pos")))
+    assert ds.splits["test"].labels.tolist() == [1, 0]
+    numeric = [f'{i},"film {i}",{i % 3 + 1}' for i in range(12)]  # star ratings 1..3 in every split
+    ds = data.load_dataset(csv_cfg(tmp_path, numeric, ['9,"x",3', '10,"y",1']))
+    assert ds.label_names == ("1", "2", "3") and ds.splits["test"].labels.tolist() == [2, 0]
+    ten = [f'{i},"film {i}",{i % 11}' for i in range(22)]  # sorted as numbers: "10" after "9"
+    assert data.load_dataset(csv_cfg(tmp_path, ten, ['9,"x",10', '10,"y",2'])).label_names[-2:] == ("9", "10")
+    with pytest.raises(data.DataError, match=r"test.csv:2: unknown label '4'"):  # numeric, but no such class
+        data.load_dataset(csv_cfg(tmp_path, numeric, ['9,"x",4']))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "\n".join(f"{t},{l}" for t, l in [("good", "pos"), ("bad", "neg")] * 2) + "\n",
+                     encoding="utf-8-sig")
+    assert train.read_bytes().startswith(b"\xef\xbb\xbftext")
+    ds = data.load_dataset(data_cfg(name="csv", train_file=str(train), test_file=str(train), validation_fraction=0.5))
+    assert ds.splits["test"].texts == ["good", "bad", "good", "bad"]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n' * 2)
+    ds = data.load_dataset(data_cfg(name="jsonl", train_file=str(jsonl), test_file=str(jsonl),
+                                    validation_fraction=0.5))
+    assert ds.splits["test"].texts == ["good", "bad", "good", "bad"]
+
+
+def test_long_csv_fields_read_up_to_the_stated_limit_then_name_file_and_line(tmp_path, monkeypatch):
+    long = "good " * 40_000  # 200,000 characters, past the csv module's default of 131,072
+    rows = ['1,"great film",pos', f'2,"{long}",pos', '3,"awful",neg', '4,"dull",neg']
+    ds = data.load_dataset(csv_cfg(tmp_path, rows, label_names=("neg", "pos")))
+    assert max(len(t) for s in ds.splits.values() for t in s.texts) == len(long)
+    monkeypatch.setattr(data, "MAX_FIELD_CHARS", 100_000)
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(csv_cfg(tmp_path, rows, label_names=("neg", "pos")))
+    assert str(e.value).endswith("train.csv:3: unreadable CSV (field larger than field limit (100000)); a field may "
+                                 "hold up to 100,000 characters, so shorten or split longer texts")
+
+
+def test_a_training_split_with_one_class_is_an_error(tmp_path):
+    rows = ['1,"great film",pos', '2,"loved it",pos', '3,"superb",pos', '4,"fine",pos']
+    for label_names in ((), ("neg", "pos")):
+        with pytest.raises(data.DataError, match="every training example has the label 'pos'"):
+            data.load_dataset(csv_cfg(tmp_path, rows, ['9,"fine movie",pos'], label_names=label_names))

@@ -260,3 +260,47 @@ def test_balanced_class_weights_by_hand():
     np.testing.assert_allclose(train.class_weights(cfg, np.array([0, 0, 0, 1, 2, 2]), 3), [2 / 3, 2, 1], rtol=1e-6)
     with pytest.raises(ValueError, match="no training examples"):
         train.class_weights(cfg, np.array([0, 0]), 3)
+
+
+def saved_states(cfg, workdir):
+    """Every checkpoint on disk as {step: (model item, train item)} in host memory."""
+    _, tokenizer, _ = train.prepare_data(cfg, workdir, fit_tokenizer=False)
+    state, _ = train.create_state(cfg, sharding.make_mesh(cfg.mesh), tokenizer.vocab_size, 2, total_steps=1)
+    mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
+    out = {step: jax.device_get(checkpoints.restore(mngr, step, model=checkpoints.abstract(train.model_item(state)),
+                                                    train=checkpoints.abstract(train.train_item(state))))
+           for step in mngr.all_steps()}
+    mngr.close()
+    return out
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoints_stay_finite(files, reference_run,
+                                                                                          tmp_path):
+    """The trained reference run continued for a fifth epoch with a learning rate that overflows the parameters;
+    with the rate fixed, it resumes from its last finite checkpoint and still classifies as well."""
+    import shutil
+
+    shutil.copytree(reference_run[0], tmp_path / "run")
+    more = {"mesh.num_devices": 1, "train.epochs": 5, "checkpoint.every_steps": 2}
+    bad = tiny_config(files, **more, **{"train.learning_rate": 1e30})
+    with pytest.raises(train.TrainingDiverged) as e:
+        train.train_and_evaluate(bad, tmp_path / "run")
+    message = str(e.value)
+    step = int(message.split("NaN/inf at step ")[1].split(";")[0])  # logged every step: the exact step
+    assert step > 32 and "\n" not in message
+    states = saved_states(bad, tmp_path / "run")
+    assert max(states) < step and f"latest step {max(states)}" in message
+    for saved in states.values():
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved)), sorted(states)
+    result = train.train_and_evaluate(tiny_config(files, **more), tmp_path / "run")
+    assert np.isfinite(result["loss"]) and result["accuracy"] > 0.8, result
+
+
+def test_cli_divergence_is_one_line_after_the_progress_output(files, tmp_path):
+    out = run_cli(f"--workdir={tmp_path}", "--config=configs/lstm.py", "--config.data.name=csv",
+                  f"--config.data.train_file={files['train']}", f"--config.data.test_file={files['test']}",
+                  "--config.data.max_length=16", "--config.model.hidden_sizes=8,", "--config.model.embed_dim=8",
+                  "--config.train.batch_size=32", "--config.train.learning_rate=1e30", "--config.train.log_every=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss or parameters became NaN/inf at step "), last

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config, write_dataset
 
-from sentiment_jax import tokenization, train, word2vec
+from sentiment_jax import config_base, tokenization, train, word2vec
 
 
 def brute_force_pairs(sequences, window):
@@ -92,11 +92,11 @@ def test_a_run_starts_from_the_cached_vectors(tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("data.tokenizer.kind", "ngrams", "needs data.tokenizer.kind 'word'"),
     ("pretrain.window", 0, "pretrain.window must be a positive integer"),
-    ("pretrain.subsample", -1.0, "pretrain.subsample >= 0"),
+    ("pretrain.subsample", -1.0, "pretrain.subsample must be >= 0"),
     ("pretrain.embeddings", "glove", "unknown pretrain.embeddings 'glove'"),
 ])
 def test_pretrain_config_mistakes_fail_before_reading_data(field, value, message):
     cfg = tiny_config({"train": "missing.csv", "test": "missing.csv"},
                       **{"pretrain.embeddings": "word2vec", field: value})
     with pytest.raises(ValueError, match=message):
-        train.check_config(cfg)
+        config_base.check_config(cfg)

@@ -1,0 +1,120 @@
+"""Config validation: every numeric field has a range, checked before any data is read, one line per mistake."""
+
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from sentiment_jax import config_base
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def numeric_fields(node, prefix=""):
+    """Dotted names of every leaf of a config that holds a number or a non-empty tuple of numbers."""
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from numeric_fields(value, f"{name}.")
+            continue
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            yield name
+
+
+def loose(cfg):
+    """A copy that takes any value, as a hand-edited config.json could hold."""
+    return ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+
+
+def set_field(cfg, field, value):
+    *path, leaf = field.split(".")
+    node = cfg
+    for key in path:
+        node = node[key]
+    node[leaf] = value
+
+
+def outside(valid: config_base.Range):
+    """Values just outside a range (or of the wrong kind), found without asking the range itself."""
+    bad = [float("nan"), float("inf")]
+    if valid.low is not None:
+        bad.append(valid.low if valid.open_low else valid.low - (1 if valid.integer else 1e-3))
+    if valid.high is not None:
+        bad.append(valid.high if valid.open_high else valid.high + (1 if valid.integer else 1e-3))
+    if valid.integer:
+        bad.append(2.5)
+    return bad
+
+
+def test_every_numeric_field_has_a_range_and_the_defaults_are_in_it():
+    cfg = config_base.base_config()
+    fields = set(numeric_fields(cfg))
+    assert len(fields) > 40  # the walk sees the config
+    assert fields <= set(config_base.RANGES), f"no range for {sorted(fields - set(config_base.RANGES))}"
+    for field in config_base.RANGES:  # no stale entry: each names a field
+        assert config_base.get_field(cfg, field) is not config_base.ABSENT, field
+    config_base.check_config(cfg)
+
+
+@pytest.mark.parametrize("field", sorted(config_base.RANGES))
+def test_a_value_outside_its_range_is_a_one_line_error_naming_field_value_and_range(field):
+    valid = config_base.RANGES[field]
+    default = config_base.get_field(config_base.base_config(), field)
+    for bad in outside(valid):
+        cfg = loose(config_base.base_config())
+        value = (*default[:-1], bad) if isinstance(default, tuple) and default else (bad,) if isinstance(
+            default, tuple) else bad
+        set_field(cfg, field, value)
+        with pytest.raises(ValueError) as e:
+            config_base.check_config(cfg)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{field} must be {valid}, got ")
+        assert repr(value) in message
+
+
+def test_range_wording_and_bounds_by_hand():
+    assert str(config_base.RANGES["data.validation_fraction"]) == "in [0, 1)"
+    assert str(config_base.RANGES["train.epochs"]) == "a positive integer"
+    assert str(config_base.RANGES["train.learning_rate"]) == "> 0"
+    assert str(config_base.RANGES["mesh.shape"]) == "an integer >= -1"
+    fraction = config_base.RANGES["data.validation_fraction"]
+    assert [fraction.admits(v) for v in (0, 0.0, 0.5, 0.999, 1.0, -0.2, True)] == [
+        True, True, True, True, False, False, False]
+    assert not config_base.RANGES["train.batch_size"].admits(16.0)
+
+
+def test_fields_absent_from_an_older_run_are_not_checked():
+    cfg = config_base.base_config()
+    for field in ("train.ema_decay", "train.confidence_penalty", "data.max_test_examples", "model.bag_norm"):
+        *path, leaf = field.split(".")
+        del config_base.get_field(cfg, ".".join(path))[leaf]
+    config_base.check_config(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mesh.num_devices": 99}, "mesh.num_devices=99 but only 8 devices exist"),
+    ({"mesh.shape": (3, 1, 1)}, "mesh.shape (3, 1, 1) needs 3 devices but 8 are available"),
+    ({"train.batch_size": 12}, "train.batch_size=12 does not split over the 8 data-parallel devices"),
+    ({"train.eval_batch_size": 21, "mesh.shape": (2, 1, -1)},
+     "train.eval_batch_size=21 does not split over the 2 data-parallel devices"),
+])
+def test_mesh_is_checked_against_the_devices(overrides, message):
+    cfg = config_base.base_config()
+    for field, value in overrides.items():
+        set_field(cfg, field, value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_base.check_config(cfg)
+
+
+def test_cli_range_error_is_one_line_before_any_data_is_read(tmp_path):
+    """A missing data file would be reported if data were read first."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sentiment_jax.main", f"--workdir={tmp_path / 'run'}", "--config=configs/lstm.py",
+         "--config.data.name=csv", f"--config.data.train_file={tmp_path / 'absent.csv'}",
+         "--config.data.validation_fraction=-0.2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: data.validation_fraction must be in [0, 1), got -0.2"]
+    assert not (tmp_path / "run").exists()
