@@ -209,9 +209,8 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
     decay = cfg.train.ema_decay
     train_step = steps.make_train_step(setup, cfg.train.confidence_penalty,
                                        losses.class_weights(cfg, encoded["train"].labels, dataset.num_classes), decay)
-    predict_step = steps.make_predict_step(steps.forward_fn(setup.graphdef, mesh, cfg.mesh),
-                                           setup.state_sharding.params, setup.state_sharding.rest,
-                                           setup.batch_sharding, mesh)
+    predict_step = steps.make_predict_step(setup.graphdef, mesh, cfg.mesh, setup.state_sharding.params,
+                                           setup.state_sharding.rest, setup.batch_sharding)
     step = int(state.step)
 
     def checkpoint(step, epoch, index, sums, seconds, val=None):

@@ -420,6 +420,13 @@ class FeatureEncoder:
         per_row = self.extractor()(rows, b.batch_size, b.bucket_width)
         return list(average_windows(per_row, owner, len(texts), [len(r) for r in rows])[b.pooling])
 
+    def warmup(self) -> None:
+        """Compiles the extraction for every row width a text can need, before the first request."""
+        b = self.cfg.backbone
+        top = -(-self.cfg.data.max_length // b.bucket_width) * b.bucket_width
+        for width in range(b.bucket_width, top + 1, b.bucket_width):
+            self.extractor()([np.zeros(width, np.int32)], b.batch_size, b.bucket_width)
+
     def encode_splits(self, dataset: data_lib.Dataset) -> dict[str, input_pipeline.Encoded]:
         """Every split's features (from the cache, or extracted once and cached) as `Encoded` "ids"."""
         encoded = {}
