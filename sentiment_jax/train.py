@@ -120,7 +120,7 @@ def check_pretrain(cfg) -> None:
 
 
 def run_files(cfg, workdir: pathlib.Path, dataset: data_lib.Dataset, resume: bool):
-    """The run's input encoder: the saved one on a resume, else a new one, saved with the config and labels."""
+    """The run's input encoder: the saved one on a resume, else a new one, saved with the labels."""
     if resume:
         saved = runs.load_labels(workdir)
         if saved != tuple(dataset.label_names):
@@ -129,12 +129,9 @@ def run_files(cfg, workdir: pathlib.Path, dataset: data_lib.Dataset, resume: boo
         encoder = runs.load_encoder(workdir, cfg)
     else:
         encoder = runs.create_encoder(cfg, dataset.splits["train"].texts)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        runs.save_config(cfg, workdir)
-        if not resume:
-            runs.save_labels(dataset.label_names, workdir)
-            runs.save_encoder(encoder, workdir)
+    if jax.process_index() == 0 and not resume:
+        runs.save_labels(dataset.label_names, workdir)
+        runs.save_encoder(encoder, workdir)
     distributed.sync("run files")
     return encoder
 
@@ -147,6 +144,9 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     resume = runs.has_checkpoints(workdir)
     if resume:  # before anything in the workdir is written
         runs.check_resume(workdir, cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # first, so a run that fails on its data still says what it was
+        runs.save_config(cfg, workdir)
     t_start = time.time()
     mesh = sharding.make_mesh(cfg.mesh)
     dataset = data_lib.load_dataset(cfg.data)
