@@ -6,7 +6,7 @@ Speaks the serve protocol of ../shared/bench/peers/README.md, so it joins their 
       'jax uni=/path/to/python /path/to/repo/benchmarks/paired_lstm_contender.py --model uni'
 
 Same arrays ($PEERS_HOME/imdb_10k_200.npz), shapes, batch 64 and Adam 1e-3 as the peers, built
-with `train.create_state` / `train.make_train_step`, and exact masking on: the mask is
+with `state.create_state` / `steps.make_train_step`, and exact masking on: the mask is
 `ids != 0`, so the front padding never reaches the LSTM state (the peers run it through).
 `--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
 peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the bench starts us in its own folder
-from sentiment_jax import config_base, input_pipeline, sharding, train  # noqa: E402
+from sentiment_jax import config_base, input_pipeline, sharding, steps  # noqa: E402
+from sentiment_jax import state as state_lib  # noqa: E402
 
 VOCAB, BATCH = 10_000, 64
 
@@ -86,9 +87,9 @@ def contender(model: str, ids: np.ndarray, labels: np.ndarray, *, batch: int = B
     split = input_pipeline.Encoded(ids, (ids != 0).sum(1).astype(np.int32), labels)
     batches = input_pipeline.Batches(split, batch, padding="pre", shuffle=True, seed=0, bucket_width=bucket_width)
     mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, vocab, 2, total_steps=1)
-    train_step = train.make_train_step(setup)
-    sums = train.zero_metrics(mesh)
+    state, setup = state_lib.create_state(cfg, mesh, vocab, 2, total_steps=1)
+    train_step = steps.make_train_step(setup)
+    sums = steps.zero_metrics(mesh)
 
     def stream():
         epoch = 0
@@ -124,7 +125,7 @@ def contender(model: str, ids: np.ndarray, labels: np.ndarray, *, batch: int = B
 
     info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": model, "batch": batch, "mode": "serve",
             "unroll": cfg.model.unroll, "dtype": dtype, "backend": backend, "bucket_width": bucket_width,
-            "mflop_per_example": round(mflop, 1), "params": train.parameter_counts(state)["trainable_params"],
+            "mflop_per_example": round(mflop, 1), "params": state_lib.parameter_counts(state)["trainable_params"],
             "ready": True}
     if gemm_ceiling:
         info["xla_gemm_gflops"] = xla_gemm_gflops(dtype=dtype)

@@ -90,10 +90,10 @@ def half_written(workdir: pathlib.Path) -> list[str]:
 def final_state(workdir: pathlib.Path):
     from sentiment_jax import runs
 
-    restored = runs.restore(workdir, "latest")
+    restored = runs.load(workdir, "latest")
     epochs = runs.read_metrics(workdir, "epoch")
     last = {k: v for k, v in epochs[-1].items() if k.startswith(("train/loss", "train/acc", "val/"))}
-    return restored.step, restored.state.params, last, runs.read_result(workdir)
+    return restored.step, restored.params, last, runs.read_result(workdir)
 
 
 def test_sigkilled_training_resumes_to_the_same_end_as_an_uninterrupted_run(tmp_path):
