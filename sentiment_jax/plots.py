@@ -102,6 +102,29 @@ def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:
     return _save(fig, out)
 
 
+def reliability_diagram(curves: dict[str, dict], out: pathlib.Path) -> pathlib.Path:
+    """Accuracy against mean confidence per bin (metrics.calibration_bins), one line per curve; the
+    diagonal is perfect calibration and the bars below show how many examples fall in each bin."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    for k, (label, b) in enumerate(curves.items()):
+        used = np.asarray(b["count"]) > 0
+        ax.plot(np.asarray(b["confidence"])[used], np.asarray(b["accuracy"])[used], "-o", ms=4, label=label)
+        edges = np.linspace(0, 1, len(b["count"]) + 1)
+        width = (edges[1] - edges[0]) / len(curves)
+        counts.bar(edges[:-1] + k * width, b["count"], width, align="edge", label=label)
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability (equal-width bins of the top probability)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    counts.set_xlabel("confidence")
+    counts.set_ylabel("examples")
+    counts.set_yscale("log")
+    counts.set_xlim(0, 1)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig, out: pathlib.Path) -> pathlib.Path:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -359,13 +359,10 @@ def load_labels(workdir: pathlib.Path) -> tuple[str, ...]:
 # Train and evaluate.
 
 
-def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, desc=None) -> dict:
+def evaluate_split(cfg, setup, predict_step, params, rest, split, label_names, desc=None) -> tuple[dict, np.ndarray]:
+    """(the report, the probabilities [N, K]) of one split."""
     probs = predict_probabilities(predict_step, params, rest, make_batches(cfg, split, train=False), setup, desc)
-    report = metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
-    # Cross-entropy of the true class; for either loss this is the training loss on this split.
-    true_probs = probs[np.arange(len(split.labels)), split.labels]
-    report["loss"] = float(-np.mean(np.log(np.maximum(true_probs, np.finfo(np.float32).tiny))))
-    return report
+    return metrics_lib.probability_report(split.labels, probs, label_names), probs
 
 
 CHOICES = {
@@ -408,6 +405,9 @@ def check_config(cfg) -> None:
     refit = cfg.data.get("train_on_validation", False)  # absent in runs saved before it existed: off
     if not isinstance(refit, bool):
         raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
+    if cfg.eval.get("calibrate", False) and refit:
+        raise ValueError("eval.calibrate fits a temperature on validation, which data.train_on_validation trains "
+                         "on; turn one of them off")
     decay = cfg.train.get("ema_decay", 0.0)  # absent in runs saved before it existed: off
     if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
         raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns the average off), got {decay!r}")
@@ -520,8 +520,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none
         if not refit:
             weights = model_item(state)  # the average when on: it picks the best checkpoint
-            report = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"],
-                                    encoded["validation"], dataset.label_names)
+            report, _ = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"],
+                                       encoded["validation"], dataset.label_names)
             val = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
             scalars.update({"val/loss": report["loss"], **{f"val/{k}": v for k, v in val.items()}})
         scalars.update({"epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds})
@@ -570,10 +570,17 @@ def evaluate(cfg, workdir: str | pathlib.Path, *, split: str = "test", which: st
     if own_manager:
         mngr.close()
     predict_step = make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
-    report = evaluate_split(cfg, setup, predict_step, params, rest, encoded[split], dataset.label_names,
-                            desc=f"eval {split}")
+    report, probs = evaluate_split(cfg, setup, predict_step, params, rest, encoded[split], dataset.label_names,
+                                   desc=f"eval {split}")
     report.update({"split": split, "checkpoint_step": int(step), "checkpoint": str(which)})
+    validation = None
+    if cfg.eval.get("calibrate", False):  # absent in runs saved before it existed: off
+        _, val_probs = evaluate_split(cfg, setup, predict_step, params, rest, encoded["validation"],
+                                      dataset.label_names)
+        validation = (val_probs, encoded["validation"].labels)
     if jax.process_index() == 0:
+        report.update(metrics_lib.test_time_additions(probs, encoded[split].labels, dataset.label_names, workdir,
+                                                      f"{split}_{which}", validation))
         (workdir / f"eval_{split}_{which}.json").write_text(json.dumps(report, indent=2))
         print(metrics_lib.format_report(report, dataset.label_names), flush=True)
     return report
