@@ -125,6 +125,26 @@ def reliability_diagram(curves: dict[str, dict], out: pathlib.Path) -> pathlib.P
     return _save(fig, out)
 
 
+def failure_rates(rates: dict[str, dict[str, float | None]], out: pathlib.Path) -> pathlib.Path:
+    """Behavioural failure rate per capability (behaviour.py), one bar per run side by side; n/a left out."""
+    names = list(rates)
+    capabilities = list(dict.fromkeys(c for r in rates.values() for c in r))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(capabilities) * max(len(names), 2) / 2 + 2), 4))
+    for k, name in enumerate(names):
+        values = [rates[name].get(c) for c in capabilities]
+        x = np.arange(len(capabilities)) + (k - (len(names) - 1) / 2) * width
+        ax.bar(x, [np.nan if v is None else 100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(capabilities)), capabilities, rotation=30, ha="right")
+    ax.set_ylabel("failure rate %")
+    ax.set_ylim(0, 100)
+    ax.set_title("behavioural tests: failure rate per capability (lower is better)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig, out: pathlib.Path) -> pathlib.Path:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

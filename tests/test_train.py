@@ -167,7 +167,7 @@ def test_validation_checkpoints_and_eval_use_the_average(files, ema_run):
     mngr.close()
     predict = train.make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
     raw, _ = train.evaluate_split(cfg, setup, predict, saved["train"]["params"], saved["model"]["rest"],
-                               encoded["validation"], dataset.label_names)
+                                  encoded["validation"], dataset.label_names)
     assert abs(raw["loss"] - report["loss"]) > 1e-4
 
 
