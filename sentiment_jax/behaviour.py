@@ -338,24 +338,25 @@ def suite_for(cfg) -> str:
     return language if (SUITES / f"{language}.json").is_file() else "english"
 
 
-def run(workdirs: Sequence[str | pathlib.Path], *, suite: str | None = None, seed: int = 0,
-        cases_per_test: int | None = None, out: str | pathlib.Path | None = None,
-        class_names: Sequence[str] | None = None) -> list[Scored]:
-    """Scores each run on its suite and writes its report into its folder; with `out`, all runs side by side there."""
-    results, printed = [], []
-    for workdir in workdirs:
+def run(workdirs: Sequence[str | pathlib.Path], *, names: Sequence[str] | None = None, suite: str | None = None,
+        seed: int = 0, cases_per_test: int | None = None, out: str | pathlib.Path | None = None,
+        class_names: Sequence[str] | None = None) -> tuple[list[Scored], str]:
+    """Scores each run on its suite and writes its report into its folder; with `out`, all runs side by side
+    there. Returns the results and the Markdown of all side by side (headed by the first run's suite)."""
+    results = []
+    for i, workdir in enumerate(workdirs):
         model = load_model(workdir)
         spec = load_suite(suite or suite_for(model.config))
         tests = generate(spec, seed, cases_per_test)
-        result = score(model, tests, name=pathlib.Path(workdir).name, tolerance=spec.get("tolerance", 0.01),
-                       class_names=class_names)
-        printed.append(write([result], tests, spec, seed, pathlib.Path(workdir)))
+        result = score(model, tests, name=names[i] if names else pathlib.Path(workdir).name,
+                       tolerance=spec.get("tolerance", 0.01), class_names=class_names)
+        write([result], tests, spec, seed, pathlib.Path(workdir))
         results.append((result, tests, spec))
+    scored = [r for r, _, _ in results]
+    _, tests, spec = results[0]
     if out is not None:
-        _, tests, spec = results[0]
-        printed = [write([r for r, _, _ in results], tests, spec, seed, pathlib.Path(out))]
-    print("\n".join(printed))
-    return [r for r, _, _ in results]
+        write(scored, tests, spec, seed, pathlib.Path(out))
+    return scored, markdown(scored, spec, seed)
 
 
 def main(argv) -> None:
@@ -368,11 +369,12 @@ def main(argv) -> None:
     from sentiment_jax.data import DataError
 
     try:
-        run(FLAGS.workdir, suite=FLAGS.suite, seed=FLAGS.seed, cases_per_test=FLAGS.cases, out=FLAGS.out,
-            class_names=FLAGS.class_names)
+        _, text = run(FLAGS.workdir, suite=FLAGS.suite, seed=FLAGS.seed, cases_per_test=FLAGS.cases,
+                      out=FLAGS.out, class_names=FLAGS.class_names)
     except (DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    print(text)
 
 
 def define_flags() -> None:

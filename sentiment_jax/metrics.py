@@ -239,7 +239,7 @@ def against_best(predictions: dict[str, dict], best: str, **kwargs) -> dict[str,
 
 
 def significance_cell(s: dict | None, metric: str = "accuracy", scale: float = 100.0) -> str:
-    """'-1.20 [-2.01, -0.40]' for a Markdown table ('–' for the best row itself)."""
+    """'-1.20 [-2.01, -0.40]' (points, with the interval) for a Markdown table; '–' for the best row itself."""
     if s is None:
         return "–"
     d = s[metric]
@@ -248,3 +248,15 @@ def significance_cell(s: dict | None, metric: str = "accuracy", scale: float = 1
 
 def p_cell(s: dict | None) -> str:
     return "–" if s is None else f"{s['mcnemar_p']:.2g}"
+
+
+SIGNIFICANCE_HEADER = "Δ acc vs best, points [95% CI] | Δ macro-F1 vs best, ×100 [95% CI] | McNemar p"
+
+
+def significance_table(others: dict[str, dict], best: str) -> str:
+    """A Markdown table of against_best's results, the best row first."""
+    lines = [f"| row | {SIGNIFICANCE_HEADER} |", "| --- | --- | --- | --- |",
+             f"| {best} (best) | – | – | – |"]
+    for name, s in others.items():
+        lines.append(f"| {name} | {significance_cell(s)} | {significance_cell(s, 'macro_f1')} | {p_cell(s)} |")
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import pathlib
 import ml_collections
 from flax import nnx
 
-from sentiment_jax import checkpoints, sharding, tokenization, train
+from sentiment_jax import checkpoints, metrics, sharding, tokenization, train
 
 
 def read_metrics(workdir: str | pathlib.Path, kind: str | None = None) -> list[dict]:
@@ -29,6 +29,16 @@ def read_result(workdir: str | pathlib.Path) -> dict | None:
     """The test report the run wrote when it finished, or None if it has not finished."""
     file = pathlib.Path(workdir) / "result.json"
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def read_predictions(workdir: str | pathlib.Path) -> dict | None:
+    """The per-example test predictions behind result.json (metrics.load_predictions), or None for a run
+    that has not finished or was trained before they were saved."""
+    result = read_result(workdir)
+    if result is None:
+        return None
+    file = pathlib.Path(workdir) / f"predictions_{result['split']}_{result['checkpoint']}.npz"
+    return metrics.load_predictions(file) if file.is_file() else None
 
 
 def label_names(workdir: str | pathlib.Path) -> list[str]:
