@@ -268,6 +268,19 @@ def add_significance(groups: list[dict], workdir: pathlib.Path) -> None:
         next(g for g in groups if g["name"] == name)["vs_best"] = s
 
 
+def behaviour_table(groups: list[dict], workdir: pathlib.Path, suite: str) -> str | None:
+    """The behavioural suite on each configuration's first finished seed, side by side (files in
+    WORKDIR/behaviour/); None when nothing has finished."""
+    from sentiment_jax import behaviour
+
+    done = {g["name"]: workdir / g["folder"] for g in groups if g.get("folder")}
+    if not done:
+        return None
+    _, text = behaviour.run(list(done.values()), names=list(done), suite=None if suite == "auto" else suite,
+                            out=workdir / "behaviour")
+    return text
+
+
 def markdown_table(groups: list[dict]) -> str:
     compare = any(g["best"] for g in groups)
     lines = ["| run | seeds | trainable / total params | val acc % | test acc % | test macro-F1 | "
@@ -287,8 +300,9 @@ def markdown_table(groups: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True) -> dict:
-    """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON."""
+def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True, behaviour: str | None = None) -> dict:
+    """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON. With `behaviour`
+    (a suite, "auto" for each run's language) the behavioural table of the configurations goes in too."""
     rows = [run_row(r, workdir) for r in sweep_runs]
     metrics = {r.cfg.checkpoint.best_metric for r in sweep_runs}  # e.g. macro_f1 for NusaX
     metric = metrics.pop() if len(metrics) == 1 else "accuracy"
@@ -298,15 +312,17 @@ def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True
     legend = (f"Best (by mean validation {metric.replace('_', '-')}) in bold; Δ: each configuration minus the best "
               "on the same test examples, with a paired bootstrap 95% interval and McNemar's exact p." if compare
               else "Last row: the mean of the rows above.")
+    table = behaviour_table(groups, workdir, behaviour) if behaviour else None
     text = "\n".join(["# Sweep summary", "", f"{legend} Folder: `{workdir}`.",
-                      "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []))
+                      "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []) +
+                     (["", "## Behavioural tests", "", table] if table else []))
     (workdir / "summary.md").write_text(text + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     (workdir / "summary.csv").write_text(buffer.getvalue())
-    summary = {"runs": rows, "configurations": groups}
+    summary = {"runs": rows, "configurations": groups, **({"behaviour": table} if table else {})}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -321,27 +337,12 @@ def run_sweep(spec_file: str, workdir: str | pathlib.Path, overrides: dict | Non
     sweep_runs = expand(spec, overrides, where=spec_file)
     workdir.mkdir(parents=True, exist_ok=True)
     run_all(sweep_runs, workdir)
-    summary = summarize(sweep_runs, workdir, compare=spec.get("compare", True))
-    if spec.get("behaviour"):
-        add_behaviour(summary, workdir, spec["behaviour"])
+    summary = summarize(sweep_runs, workdir, compare=spec.get("compare", True), behaviour=spec.get("behaviour"))
     if plots:
         from sentiment_jax import plots as plots_lib
 
         plots_lib.sweep_figures(workdir, summary)
     return summary
-
-
-def add_behaviour(summary: dict, workdir: pathlib.Path, suite: str) -> None:
-    """The behavioural suite on each configuration's first finished seed, side by side, appended to summary.md."""
-    from sentiment_jax import behaviour
-
-    done = {g["name"]: workdir / g["folder"] for g in summary["configurations"] if g.get("folder")}
-    if not done:
-        return
-    _, text = behaviour.run(list(done.values()), names=list(done), suite=None if suite == "auto" else suite,
-                            out=workdir / "behaviour")
-    with open(workdir / "summary.md", "a") as f:
-        f.write("\n## Behavioural tests\n\n" + text)
 
 
 FLAGS = flags.FLAGS
