@@ -41,6 +41,7 @@ setup(
     version="0.1.0",
     description="Text sentiment classification in JAX/Flax: LSTMs, transformers, frozen-backbone verbalizers.",
     packages=find_packages(include=["sentiment_jax", "sentiment_jax.*"]),
+    package_data={"sentiment_jax": ["suites/*.json"]},  # the behavioural test suites
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
