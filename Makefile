@@ -9,7 +9,7 @@ SENTIMENT_JAX_DATA ?= $(abspath ../shared/data)
 export SENTIMENT_JAX_DATA
 # CPU training runs fastest with one single-threaded device per core (the batch is split over
 # them) and with malloc backed by transparent huge pages (XLA's large temporaries then cost far
-# fewer page faults). Both measured in docs/benchmarks.md § Speed. Powers of two divide the batch.
+# fewer page faults). Both measured in docs/results.md § Speed. Powers of two divide the batch.
 CPU_DEVICES ?= $(shell n=$$(nproc); p=1; while [ $$((p * 2)) -le $$n ]; do p=$$((p * 2)); done; echo $$p)
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 

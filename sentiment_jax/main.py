@@ -22,6 +22,8 @@ flags.DEFINE_string("checkpoint", None, "eval/predict: best, latest or a step nu
 flags.DEFINE_string("input", None, "predict: .csv, .jsonl or one-text-per-line file, or - for stdin "
                     "(default: the texts given as arguments, else stdin).")
 flags.DEFINE_string("text_field", "text", "predict: the CSV column or JSON key holding the text.")
+flags.DEFINE_bool("plots", True, "train: end by drawing the training curves and the test confusion matrix "
+                  "as PNGs in the workdir (sentiment_jax.plots).")
 flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many single-threaded devices: one per core "
                      "is fastest for the LSTM; more simulate a bigger mesh.")
 # Multi-process runs; on TPU VMs and under SLURM these are detected and need not be given.
@@ -50,6 +52,10 @@ def main(argv):
             if FLAGS.config is None:
                 raise ValueError("--config is required to train")
             train.train_and_evaluate(cfg, workdir)
+            if FLAGS.plots and jax.process_index() == 0:
+                from sentiment_jax import plots
+
+                print("figures: " + ", ".join(str(f) for f in plots.run_figures(workdir)), flush=True)
         elif FLAGS.mode == "predict":
             texts = argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field)
             predict.predict(workdir, texts, checkpoint=FLAGS.checkpoint or cfg.eval.checkpoint)

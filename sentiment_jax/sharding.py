@@ -26,7 +26,7 @@ def use_cpu_devices(n: int) -> None:
     An LSTM step's per-timestep matmuls are too small to share across threads. With one device
     per core and the batch sharded over them, each core runs its part of the batch without
     synchronising every timestep. On 2 cores: 1.15x the LSTM training speed of one multi-threaded
-    device, 1.5x together with huge-page malloc (docs/benchmarks.md § Speed).
+    device, 1.5x together with huge-page malloc (docs/results.md § Speed).
     Call before JAX first touches its devices.
     """
     jax.config.update("jax_num_cpu_devices", n)

@@ -83,7 +83,8 @@ def predictions(logits: jax.Array) -> jax.Array:
 # Optimizer and state.
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def learning_rate(cfg, total_steps: int) -> optax.ScalarOrSchedule:
+    """train.schedule as optax takes it: a constant stays a float, so its optimizer state holds no step count."""
     t = cfg.train
     warmup = max(int(t.warmup_fraction * total_steps), 1)
     if t.schedule == "cosine":
@@ -97,6 +98,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
         lr = t.learning_rate
     else:
         raise ValueError(f"unknown train.schedule '{t.schedule}'; choose cosine, linear or constant")
+    return lr
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    t, lr = cfg.train, learning_rate(cfg, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # kernels, not biases
     return optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
                        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
@@ -431,6 +437,7 @@ def check_pretrain(cfg) -> None:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
     check_config(cfg)
+    metrics_lib.check_wandb(cfg.train.get("wandb_project", ""))  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir)
@@ -448,7 +455,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     counts = parameter_counts(state)
     is_main = jax.process_index() == 0
     refit = cfg.data.get("train_on_validation", False)  # train already holds the validation texts (data.py)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.get("wandb_project", ""),
+                                      config=cfg.to_dict())
+    writer.hparams(cfg.to_dict(), ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"])
+    schedule = learning_rate(cfg, total_steps)
     logging.info("data: %s", {s: len(v) for s, v in encoded.items()})
     logging.info("parameters: %s; mesh %s", counts, dict(mesh.shape))
     if is_main:
@@ -496,7 +506,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         t0 = time.time()
         bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not is_main, mininterval=1, dynamic_ncols=True)
-        seen, t_log = 0, time.time()
+        seen, t_log, logged = 0, time.time(), jax.device_get(sums)
         for index, batch in train_batches.epoch(epoch, start):
             state, sums = train_step(state, sharding.put_batch(batch, setup.batch_sharding), sums)
             step += 1
@@ -505,11 +515,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             if step % cfg.train.log_every == 0:
                 host = jax.device_get(sums)
                 rate = seen / (time.time() - t_log)
-                seen, t_log = 0, time.time()
+                step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
+                seen, t_log, logged = 0, time.time(), host
                 bar.set_postfix(loss=f"{host['loss_sum'] / host['count']:.4f}",
                                 acc=f"{host['correct'] / host['count']:.4f}", ex_s=f"{rate:.0f}")
                 writer.write(step, {"train/running_loss": host["loss_sum"] / host["count"],
-                                    "train/examples_per_s": rate})
+                                    "train/step_loss": step_loss, "train/examples_per_s": rate,
+                                    "train/learning_rate": schedule(step - 1) if callable(schedule) else schedule})
             at_epoch_end = index + 1 == steps_per_epoch
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
                 checkpoint(step, epoch, index + 1, sums, prior_seconds + time.time() - t0)
@@ -521,7 +533,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         if not refit:
             weights = model_item(state)  # the average when on: it picks the best checkpoint
             report, _ = evaluate_split(cfg, setup, predict_step, weights["params"], weights["rest"],
-                                       encoded["validation"], dataset.label_names)
+                                       encoded["validation"], dataset.label_names, desc="validation")
+            writer.confusion(step, "val", report)
             val = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
             scalars.update({"val/loss": report["loss"], **{f"val/{k}": v for k, v in val.items()}})
         scalars.update({"epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds})
@@ -537,6 +550,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     result["wall_seconds"] = time.time() - t_start
     result.update(counts)
     writer.write(step, {"test/accuracy": result["accuracy"], "test/macro_f1": result["macro_f1"]}, kind="test")
+    writer.confusion(step, "test", result)
     writer.close()
     if is_main:
         (workdir / "result.json").write_text(json.dumps(result, indent=2))
