@@ -38,6 +38,7 @@ def main(argv):
     import jax
 
     from sentiment_jax import checkpoints, data, distributed, predict, runs, sharding, train
+    from sentiment_jax._extras import MissingExtra
 
     if FLAGS.cpu_devices:
         sharding.use_cpu_devices(FLAGS.cpu_devices)
@@ -63,7 +64,7 @@ def main(argv):
             # The run's own config; --config, if given, only places it on another mesh.
             train.evaluate(workdir, split=FLAGS.split or cfg.eval.split, which=FLAGS.checkpoint or cfg.eval.checkpoint,
                            mesh_config=FLAGS.config.mesh if FLAGS.config is not None else None)
-    except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
@@ -85,5 +86,10 @@ def parse_flags(argv):
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `sentiment-jax` command, the same as `python -m sentiment_jax.main`."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

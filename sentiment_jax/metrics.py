@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sentiment_jax._extras import require
+
 
 def classification_report(labels: np.ndarray, predictions: np.ndarray,
                           label_names: Sequence[str]) -> dict:
@@ -128,12 +130,9 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_wandb(project: str) -> None:
-    """Fails before any data is read when Weights & Biases logging is asked for but not installed."""
-    import importlib.util
-
-    if project and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"train.wandb_project '{project}' needs wandb: pip install 'sentiment_jax[wandb]', "
-                         "or leave train.wandb_project empty")
+    """Fails before any data is read when Weights & Biases logging is asked for without its extra."""
+    if project:
+        require("wandb", "wandb")
 
 
 # ---------------------------------------------------------------------------------------

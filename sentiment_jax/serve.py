@@ -21,11 +21,16 @@ import sys
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sentiment_jax._extras import MissingExtra, require
+
+for _module in ("fastapi", "pydantic", "uvicorn"):
+    require(_module, "serve", program=__name__ == "__main__")
+from fastapi import Depends, FastAPI, HTTPException, Request, Security  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.security import APIKeyHeader  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field  # noqa: E402
 
 KEYS_ENV = "SENTIMENT_JAX_API_KEYS"
 KEY_HEADER = "X-API-Key"
@@ -269,7 +274,7 @@ def main(argv) -> None:
         try:
             sizes = [int(b) for b in FLAGS.batch_sizes] if FLAGS.batch_sizes else inference.BATCH_SIZES
             predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint, batch_sizes=sizes)
-        except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        except (checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
             fail(f"--model={spec}: {e}")
         predictors[name].warmup()
         print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)

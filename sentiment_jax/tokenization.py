@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sentiment_jax._extras import require
+
 PAD_ID, UNK_ID = 0, 1
 _WORD = re.compile(r"[a-z0-9']+")
 _WORD_CASED = re.compile(r"[A-Za-z0-9']+")
@@ -136,8 +138,7 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | pathlib.Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer
-
+        Tokenizer = require("tokenizers", "hf").Tokenizer
         path = pathlib.Path(path).expanduser()
         file = path / HF_FILE if path.is_dir() else path
         if not file.is_file():

@@ -49,6 +49,7 @@ from sentiment_jax import data as data_lib
 from sentiment_jax import input_pipeline
 from sentiment_jax import sharding
 from sentiment_jax import tokenization
+from sentiment_jax._extras import require
 from sentiment_jax.models import DTYPES
 from sentiment_jax.models import encoders
 
@@ -75,7 +76,7 @@ def resolve_folder(path: str) -> pathlib.Path:
     if path.count("/") != 1 or folder.exists():
         raise encoders.BackboneError(f"backbone.path '{path}' is not a folder; pass a local Hugging Face "
                                      "model folder, a hub id such as answerdotai/ModernBERT-base, or 'minilm'")
-    from huggingface_hub import snapshot_download
+    snapshot_download = require("huggingface_hub", "hf").snapshot_download
 
     try:  # Cached copies first, so offline machines never wait on the network.
         return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "model.safetensors"],

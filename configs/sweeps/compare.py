@@ -8,14 +8,14 @@ full:  all of IMDB with each model's own config file unchanged.
 Both add the English behavioural suite's table per model to summary.md (sentiment_jax/behaviour.py).
 """
 
-from sentiment_jax.sweep import QUICK_SET as QUICK
+from presets import QUICK
 
 MODELS = [
     {"name": "lstm", "config": "configs/lstm.py"},
     {"name": "bilstm_attention", "config": "configs/bilstm_attention.py"},
     {"name": "transformer", "config": "configs/transformer.py"},
     {"name": "simple_rnn", "config": "configs/rnn.py"},
-    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see setup.py
+    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see README.md
     {"name": "fasttext", "config": "configs/fasttext.py"},
     {"name": "nb_linear", "config": "configs/nb_linear.py"},
 ]
