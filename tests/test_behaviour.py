@@ -201,5 +201,4 @@ def test_suite_mistakes_are_one_line(tmp_path, suites):
         behaviour.class_indices(["0", "1"])
     run = subprocess.run([sys.executable, "-m", "sentiment_jax.behaviour", f"--workdir={tmp_path}"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr.strip() == (
-        f"error: {tmp_path}/config.json not found; pass --config or a workdir written by a training run")
+    assert run.returncode == 2 and run.stderr.strip() == f"error: no checkpoints in {tmp_path}; train first or fix the workdir"
