@@ -67,6 +67,7 @@ def main(argv):
     except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        logging.set_verbosity(logging.FATAL)  # nothing from the libraries after the one line
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

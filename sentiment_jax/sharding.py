@@ -42,7 +42,7 @@ def make_mesh(cfg) -> Mesh:
     `cfg.num_devices` > 0 uses only the first that many devices (e.g. 1 of 8 simulated).
     """
     devices = jax.devices()
-    if cfg.get("num_devices"):
+    if cfg.num_devices:
         if cfg.num_devices > len(devices):
             raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
         devices = devices[: cfg.num_devices]

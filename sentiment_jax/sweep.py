@@ -150,12 +150,14 @@ def expand(spec: dict, overrides: dict | None = None, where: str = "sweep") -> l
 # Running.
 
 
-OTHER_CONFIG = "the folder holds a run of another config; delete it or use another --workdir"
+OTHER_CONFIG = "the folder holds a run of another config; use another --workdir"
 
 
 def _same_config(cfg, folder: pathlib.Path) -> bool:
-    saved = folder / "config.json"
-    return not saved.is_file() or json.loads(saved.read_text()) == json.loads(cfg.to_json_best_effort())
+    if not (folder / runs.CONFIG_FILE).is_file():
+        return True
+    as_json = lambda c: json.loads(c.to_json_best_effort())
+    return as_json(runs.load_config(folder)) == as_json(cfg)
 
 
 def run_all(sweep_runs: list[Run], workdir: pathlib.Path) -> None:

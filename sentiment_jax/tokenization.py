@@ -174,7 +174,7 @@ def build(cfg, train_texts: Sequence[str]):
         words = WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase).words
         return NgramTokenizer(words, cfg.lowercase, tuple(cfg.char_ngrams), cfg.word_ngrams, cfg.buckets)
     if cfg.kind == "huggingface":
-        if not cfg.get("path"):
+        if not cfg.path:
             raise ValueError("tokenizer kind 'huggingface' needs --config.data.tokenizer.path=FOLDER")
         return HFTokenizer.from_folder(cfg.path)
     raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word', 'ngrams' or 'huggingface'")

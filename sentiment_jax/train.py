@@ -143,7 +143,7 @@ def run_files(cfg, workdir: pathlib.Path, dataset: data_lib.Dataset, resume: boo
 def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
     check_config(cfg)
-    metrics_lib.check_wandb(cfg.train.get("wandb_project", ""))  # training logs there; eval of the run does not
+    metrics_lib.check_wandb(cfg.train.wandb_project)  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     resume = runs.has_checkpoints(workdir)
     if resume:  # before anything in the workdir is written
@@ -186,10 +186,10 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
             if is_main:
                 runs.keep_metrics_until(workdir, step)
                 print(f"resuming from checkpoint step {step}", flush=True)
-        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.get("wandb_project", ""),
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.wandb_project,
                                           config=cfg.to_dict())
-        writer.hparams(cfg.to_dict(), ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"])
         stack.callback(writer.close)
+        writer.hparams(cfg.to_dict(), ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"])
         if not int(state.step):
             writer.write(0, counts, kind="params")
         train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset, meta, refit)
@@ -216,9 +216,9 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
     schedule = optimizer.learning_rate(cfg, steps_per_epoch * cfg.train.epochs)
     train_step = steps.make_train_step(setup, cfg.train.confidence_penalty,
                                        losses.class_weights(cfg, encoded["train"].labels, dataset.num_classes), decay)
-    predict_step = steps.make_predict_step(steps.forward_fn(setup.graphdef, mesh, cfg.mesh),
-                                           setup.state_sharding.params, setup.state_sharding.rest,
-                                           setup.batch_sharding, mesh)
+    predict_step = steps.make_predict_step(setup.graphdef, mesh, cfg.mesh, setup.state_sharding.params,
+                                           setup.state_sharding.rest, setup.batch_sharding)
+    schedule = optimizer.learning_rate(cfg, len(train_batches) * cfg.train.epochs)
     step = int(state.step)
 
     def checkpoint(step, epoch, index, sums, seconds, val=None):
