@@ -45,13 +45,14 @@ def test_texts(workdir: pathlib.Path, n: int) -> list[str]:
     return [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[:n]]
 
 
-def start_server(workdir: pathlib.Path, key: str) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: pathlib.Path, keys: str, *serve_flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m sentiment_jax.serve` on a free port with `keys` (comma-separated), once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "SENTIMENT_JAX_API_KEYS": key}
+    env = {**os.environ, "SENTIMENT_JAX_API_KEYS": keys}
     proc = subprocess.Popen([sys.executable, "-m", "sentiment_jax.serve", f"--model=bench={workdir}",
-                             f"--port={port}"], cwd=REPO, env=env)
+                             f"--port={port}", *serve_flags], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     while proc.poll() is None:
         try:
@@ -80,6 +81,22 @@ def client(url: str, key: str, texts: list[str], start: int, per_request: int, u
                 errors.append(status)
 
 
+def run_clients(url: str, keys: list[str], texts: list[str], clients: int, per_request: int,
+                seconds: float) -> tuple[list[float], list, float]:
+    """`clients` threads (the k-th with keys[k % len(keys)]) for `seconds`: (latencies, errors, elapsed)."""
+    latencies, errors = [], []
+    until = time.perf_counter() + seconds
+    threads = [threading.Thread(target=client, args=(url, keys[k % len(keys)], texts, k * 997, per_request,
+                                                     until, latencies, errors))
+               for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - t0
+
+
 def main(argv) -> None:
     del argv
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
@@ -88,18 +105,9 @@ def main(argv) -> None:
     key = FLAGS.key or secrets.token_hex(16)
     proc, url = (None, FLAGS.url) if FLAGS.url else start_server(workdir, key)
     try:
-        latencies, errors = [], []
-        until = time.perf_counter() + FLAGS.seconds
-        threads = [threading.Thread(target=client, args=(url, key, texts, k * 997, FLAGS.texts_per_request,
-                                                         until, latencies, errors))
-                   for k in range(FLAGS.clients)]
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
+        latencies, errors, elapsed = run_clients(url, [key], texts, FLAGS.clients, FLAGS.texts_per_request,
+                                                 FLAGS.seconds)
     finally:
         if proc is not None:
             proc.terminate()

@@ -7,6 +7,8 @@
 Requests to /v1 need a key in the X-API-Key header, one of those in --api_keys_file (one
 per line) or $SENTIMENT_JAX_API_KEYS (comma-separated). Every model is compiled for its
 fixed buckets before the port opens, and concurrent requests to one model are batched.
+A request is admitted before its body is read (key, then rate limit), its body must arrive
+within --body_timeout, and each model's queue is bounded; SIGTERM drains, then exits.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import pathlib
 import sys
+import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -31,11 +35,18 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.security import APIKeyHeader  # noqa: E402
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field  # noqa: E402
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
 KEYS_ENV = "SENTIMENT_JAX_API_KEYS"
 KEY_HEADER = "X-API-Key"
 ERRORS = {400: "Malformed JSON", 401: "Missing or invalid API key", 404: "Unknown model",
-          413: "Too many texts, a text too long, or a body too large", 415: "Body not sent as JSON"}
+          408: "The body did not arrive within --body_timeout",
+          413: "Too many texts, a text too long, or a body too large", 415: "Body not sent as JSON",
+          429: "Over this key's rate limit (see Retry-After)", 500: "A bug: the request could not be answered",
+          503: "This model's queue is full (see Retry-After)"}
+MAX_HEAD_BYTES = 8 * 1024  # request line and headers; more: uvicorn answers 400 and closes
+KEEP_ALIVE_S = 5  # a connection with no request head this long after opening or answering is closed
+DRAIN_S = 30  # on SIGTERM, the most time the accepted requests get to be answered
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,16 +101,17 @@ class Batcher:
     """Runs one model's predictions off the event loop, merging requests that arrive meanwhile.
 
     No timer: an idle model answers at once, and a busy one takes everything queued while
-    it worked (up to `max_rows` texts) as its next batch.
+    it worked (up to `max_rows` texts) as its next batch. At most `max_waiting` requests
+    wait; one more raises asyncio.QueueFull rather than growing memory.
     """
 
-    def __init__(self, predict, max_rows: int):
+    def __init__(self, predict, max_rows: int, max_waiting: int = 0):
         self.predict, self.max_rows = predict, max_rows
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue(max_waiting)
 
     async def __call__(self, texts: list[str]) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((texts, future))
+        self.queue.put_nowait((texts, future))
         return await future
 
     async def run(self) -> None:
@@ -123,27 +135,53 @@ class Batcher:
                 start += len(texts)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 as soon as a request body exceeds `max_bytes`, before it is parsed."""
+class RateLimit:
+    """A token bucket per API key: `rate` requests per second on average, `burst` at once."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst, self.buckets = rate, burst, {}
+
+    def wait(self, key: bytes) -> float:
+        """0 if a request with this key may go now (and counts it), else seconds until one may."""
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+class Admission:
+    """ASGI middleware that turns a request away before the app parses anything.
+
+    In order: on /v1 a valid key (401) within its rate limit (429), decided on the headers
+    alone; then the whole body within `max_bytes` (413) and `body_timeout` seconds (408).
+    Refusals close the connection, so a body nobody will read is not received.
+    """
+
+    def __init__(self, app, keys: list[bytes], rate_limit: RateLimit | None, max_bytes: int, body_timeout: float):
+        self.app, self.keys, self.rate_limit = app, keys, rate_limit
+        self.max_bytes, self.body_timeout = max_bytes, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client disconnected
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)
-                return await response(scope, receive, send)
-        body = b"".join(chunks)
+        try:
+            if scope["path"].startswith("/v1/"):
+                self.check_key(scope)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self.read_body(receive)
+            except TimeoutError:
+                raise HTTPException(408, f"the body did not arrive within {self.body_timeout:g} s") from None
+        except HTTPException as e:
+            response = JSONResponse({"detail": e.detail}, e.status_code, headers={**(e.headers or {}),
+                                                                                 "Connection": "close"})
+            return await response(scope, receive, send)
+        if body is None:  # the client went away
+            return
 
         async def replay():
             nonlocal body
@@ -154,6 +192,52 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    def check_key(self, scope) -> None:
+        given = dict(scope["headers"]).get(KEY_HEADER.lower().encode(), b"")
+        # Compare with every key (no early exit), each in constant time.
+        if not sum(hmac.compare_digest(given, k) for k in self.keys):
+            raise HTTPException(401, f"missing or invalid API key in the {KEY_HEADER} header")
+        wait = self.rate_limit.wait(given) if self.rate_limit else 0
+        if wait:
+            raise HTTPException(429, "over this key's rate limit; retry later",
+                                headers={"Retry-After": str(math.ceil(wait))})
+
+    async def read_body(self, receive) -> bytes | None:
+        """The whole body, or None if the client disconnected first."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+        return b"".join(chunks)
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, also closing a connection that sends no whole request head
+    within KEEP_ALIVE_S of opening or of its last answer (uvicorn alone waits forever for a
+    head that trickles in, or for a first byte)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.close_unless_a_request_follows()
+
+    def on_response_complete(self) -> None:
+        answered = self.cycle
+        super().on_response_complete()
+        self.close_unless_a_request_follows(answered)
+
+    def close_unless_a_request_follows(self, answered=None) -> None:
+        def check():
+            if self.cycle is answered and not self.transport.is_closing():
+                self.transport.close()
+
+        self.loop.call_later(KEEP_ALIVE_S, check)
+
 
 # ---------------------------------------------------------------------------------------
 # The app.
@@ -161,8 +245,11 @@ class BodyLimit:
 
 def read_keys(file: str | None) -> list[str]:
     """API keys from a file (one per line) or $SENTIMENT_JAX_API_KEYS (comma-separated)."""
-    text = pathlib.Path(file).read_text() if file else os.environ.get(KEYS_ENV, "")
-    keys = [k.strip() for k in text.replace(",", "\n").splitlines() if k.strip()]
+    if file:
+        lines = pathlib.Path(file).read_text().splitlines()
+    else:
+        lines = os.environ.get(KEYS_ENV, "").split(",")
+    keys = [k.strip() for k in lines if k.strip()]
     if not keys:
         raise ValueError(f"no API keys: pass --api_keys_file=FILE or set ${KEYS_ENV}")
     return keys
@@ -176,10 +263,16 @@ def run_metrics(workdir: pathlib.Path) -> dict | None:
     return {k: v for k, v in json.loads(file.read_text()).items() if isinstance(v, (int, float, str))}
 
 
-def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, max_chars: int = 10_000) -> FastAPI:
-    """The API over already loaded (and warmed-up) `inference.Predictor`s, first one the default."""
-    keys = [k.encode() for k in api_keys]
-    batchers = {name: Batcher(p.predict, max_rows=max(p.batch_sizes[-1], max_texts))
+def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, max_chars: int = 10_000,
+               queue_size: int = 64, rate_limit: float = 0, rate_burst: int = 20,
+               body_timeout: float = 10) -> FastAPI:
+    """The API over already loaded (and warmed-up) `inference.Predictor`s, first one the default.
+
+    queue_size: requests that may wait per model (more: 503); rate_limit: requests per second
+    per key (0: none), with bursts of rate_burst (more: 429); body_timeout: seconds a body
+    may take to arrive (more: 408).
+    """
+    batchers = {name: Batcher(p.predict, max_rows=max(p.batch_sizes[-1], max_texts), max_waiting=queue_size)
                 for name, p in predictors.items()}
     models = ModelList(models=[
         ModelInfo(name=name, type=p.config.model.name, labels=list(p.label_names),
@@ -197,13 +290,11 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
     app = FastAPI(title="sentiment_jax", version="1", lifespan=lifespan,
                   description=f"Text sentiment classification. Send an API key in the {KEY_HEADER} header.")
     # Room for any request within the limits, even with every character JSON-escaped (up to 12 bytes).
-    app.add_middleware(BodyLimit, max_bytes=max_texts * (12 * max_chars + 16) + 1024)
-
-    async def authorized(key: str | None = Security(APIKeyHeader(name=KEY_HEADER, auto_error=False))) -> None:
-        given = (key or "").encode()
-        # Compare with every key (no early exit), each in constant time.
-        if not sum(hmac.compare_digest(given, k) for k in keys):
-            raise HTTPException(401, f"missing or invalid API key in the {KEY_HEADER} header")
+    app.add_middleware(Admission, keys=[k.encode() for k in api_keys],
+                       rate_limit=RateLimit(rate_limit, rate_burst) if rate_limit else None,
+                       max_bytes=max_texts * (12 * max_chars + 16) + 1024, body_timeout=body_timeout)
+    # Admission checks the key, before the body is read; this declares it in the schema.
+    authorized = Security(APIKeyHeader(name=KEY_HEADER, auto_error=False))
 
     async def json_body(request: Request) -> None:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -217,15 +308,19 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
             return JSONResponse({"detail": "malformed JSON body"}, 400)
         return JSONResponse({"detail": jsonable(errors)}, 422)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return JSONResponse({"detail": "internal server error; the server log has the cause"}, 500)
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "models": len(predictors)}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)], responses={401: {"model": Error}})
+    @app.get("/v1/models", dependencies=[authorized], responses={401: {"model": Error}})
     async def list_models() -> ModelList:
         return models
 
-    @app.post("/v1/predict", dependencies=[Depends(authorized), Depends(json_body)],
+    @app.post("/v1/predict", dependencies=[authorized, Depends(json_body)],
               responses={code: {"description": text, "model": Error} for code, text in ERRORS.items()})
     async def predict(body: PredictRequest) -> PredictResponse:
         name = body.model or default
@@ -237,7 +332,11 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
         if len(body.texts[longest]) > max_chars:
             raise HTTPException(413, f"texts[{longest}] has {len(body.texts[longest])} characters; "
                                      f"at most {max_chars}")
-        probs = await batchers[name](body.texts)
+        try:
+            probs = await batchers[name](body.texts)
+        except asyncio.QueueFull:
+            raise HTTPException(503, f"model '{name}' has {queue_size} requests waiting; retry later",
+                                headers={"Retry-After": "1"}) from None
         return PredictResponse(model=name, predictions=predictors[name].records(probs))
 
     return app
@@ -253,6 +352,25 @@ def fail(message) -> None:
     sys.exit(2)
 
 
+def load_models(specs: list[str], checkpoint: str, batch_sizes: list[str] | None) -> dict:
+    """--model=NAME=WORKDIR specs -> name: warmed-up inference.Predictor (exits on bad input)."""
+    from sentiment_jax import checkpoints, inference
+
+    predictors = {}
+    for spec in specs:
+        name, sep, workdir = spec.partition("=")
+        if not sep or not name or not workdir or name in predictors:
+            fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
+        try:
+            sizes = [int(b) for b in batch_sizes] if batch_sizes else inference.BATCH_SIZES
+            predictors[name] = inference.load(workdir, name=name, checkpoint=checkpoint, batch_sizes=sizes)
+        except (checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
+            fail(f"--model={spec}: {e}")
+        predictors[name].warmup()
+        print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
+    return predictors
+
+
 def main(argv) -> None:
     del argv
     from absl import flags, logging
@@ -264,24 +382,18 @@ def main(argv) -> None:
         keys = read_keys(FLAGS.api_keys_file)  # before importing JAX, to fail fast
     except (OSError, ValueError) as e:
         fail(e)
-    from sentiment_jax import checkpoints, inference
-
-    predictors = {}
-    for spec in FLAGS.model:
-        name, sep, workdir = spec.partition("=")
-        if not sep or not name or not workdir or name in predictors:
-            fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
-        try:
-            sizes = [int(b) for b in FLAGS.batch_sizes] if FLAGS.batch_sizes else inference.BATCH_SIZES
-            predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint, batch_sizes=sizes)
-        except (checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
-            fail(f"--model={spec}: {e}")
-        predictors[name].warmup()
-        print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
+    predictors = load_models(FLAGS.model, FLAGS.checkpoint, FLAGS.batch_sizes)
     import uvicorn
 
-    app = create_app(predictors, keys, max_texts=FLAGS.max_texts, max_chars=FLAGS.max_chars)
-    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, access_log=False, log_level="info")
+    app = create_app(predictors, keys, max_texts=FLAGS.max_texts, max_chars=FLAGS.max_chars,
+                     queue_size=FLAGS.queue_size, rate_limit=FLAGS.rate_limit, rate_burst=FLAGS.rate_burst,
+                     body_timeout=FLAGS.body_timeout)
+    # uvicorn bounds what reaches the app: h11 refuses a request head over MAX_HEAD_BYTES and
+    # bytes that are not HTTP (400, then closes); over --max_connections it answers 503.
+    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, http=HeadDeadline,
+                h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
+                limit_concurrency=FLAGS.max_connections, timeout_graceful_shutdown=DRAIN_S,
+                access_log=False, log_level="info")
 
 
 def define_flags() -> None:
@@ -296,6 +408,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_texts", 64, "Most texts in one request (more: 413).")
     flags.DEFINE_integer("max_chars", 10_000, "Most characters in one text (more: 413).")
     flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default inference.BATCH_SIZES).")
+    flags.DEFINE_integer("queue_size", 64, "Requests that may wait for each model (more: 503 with Retry-After).",
+                         lower_bound=1)
+    flags.DEFINE_float("rate_limit", 0, "Requests per second allowed per API key (more: 429); 0: no limit.",
+                       lower_bound=0)
+    flags.DEFINE_integer("rate_burst", 20, "Requests one key may send at once within --rate_limit.", lower_bound=1)
+    flags.DEFINE_float("body_timeout", 10, "Seconds a request body may take to arrive (more: 408).", lower_bound=0.1)
+    flags.DEFINE_integer("max_connections", 256, "Open connections at most (more: 503 from uvicorn).", lower_bound=1)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def cell_weights(cell):
             np.asarray(cell.bias[...], np.float64))
 
 
-def pad_batch(seqs, width, side):
-    x = np.zeros((len(seqs), width, seqs[0].shape[1]), np.float32)
+def pad_batch(seqs, width, side, noise=None):
+    """[B, width, F] inputs and their mask; padded positions hold zeros, or `noise` (a Generator) draws."""
+    shape = (len(seqs), width, seqs[0].shape[1])
+    x = np.zeros(shape, np.float32) if noise is None else noise.normal(size=shape).astype(np.float32)
     mask = np.zeros((len(seqs), width), bool)
     for i, s in enumerate(seqs):
         sl = slice(width - len(s), width) if side == "pre" else slice(0, len(s))
@@ -46,7 +48,9 @@ def test_bidirectional_layer_matches_numpy_on_ragged_batch(side):
     lengths, features, hidden, width = [7, 3, 1, 5], 6, 5, 9
     seqs = [rng.normal(size=(n, features)).astype(np.float32) for n in lengths]
     layer = recurrent.RecurrentLayer("lstm", features, hidden, bidirectional=True, rngs=nnx.Rngs(1))
-    x, mask = pad_batch(seqs, width, side)
+    for cell in (layer.forward, layer.backward):  # zero biases and zero padding keep the state at 0,
+        cell.bias[...] = rng.normal(size=cell.bias.shape)  # hiding a state that reads padding
+    x, mask = pad_batch(seqs, width, side, noise=rng)  # padding that would move the state if read
     final, outputs = layer(jnp.asarray(x), jnp.asarray(mask))
     final, outputs = np.asarray(final), np.asarray(outputs)
     for i, s in enumerate(seqs):

@@ -1,17 +1,22 @@
 """The HTTP API, started for real in a subprocess on 127.0.0.1 and used over HTTP."""
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from fastapi.testclient import TestClient
 from hypothesis import strategies as st
 
 from sentiment_jax import serve
@@ -34,27 +39,33 @@ def start_server(args: list[str], log, env_extra: dict | None = None) -> subproc
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, trained_runs):
-    """Serves every tiny run (the first is the default); yields (base URL, log file)."""
-    tmp = tmp_path_factory.mktemp("serve")
+def serving(tmp, models: list[str], *flags: str) -> tuple[subprocess.Popen, str, object]:
+    """A server on a free port once it answers /healthz: (process, base URL, log file)."""
     (tmp / "keys.txt").write_text("\n".join(KEYS) + "\n")
     port, log_file = free_port(), tmp / "server.log"
-    models = [f"--model={name}={workdir}" for name, workdir in trained_runs.items()]
     with open(log_file, "w") as log:
-        proc = start_server([*models, f"--port={port}", f"--api_keys_file={tmp / 'keys.txt'}", "--max_texts=8",
-                             "--max_chars=200", "--batch_sizes=1,8"], log)
+        proc = start_server([*models, f"--port={port}", f"--api_keys_file={tmp / 'keys.txt'}", *flags], log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/healthz").status_code == 200:
-                break
+                return proc, url, log_file
         except httpx.TransportError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start:\n{log_file.read_text()[-3000:]}")
+    proc.kill()
+    pytest.fail(f"server did not start:\n{log_file.read_text()[-3000:]}")
+
+
+BODY_TIMEOUT = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, trained_runs):
+    """Serves every tiny run (the first is the default); yields (base URL, log file)."""
+    models = [f"--model={name}={workdir}" for name, workdir in trained_runs.items()]
+    proc, url, log_file = serving(tmp_path_factory.mktemp("serve"), models, "--max_texts=8", "--max_chars=200",
+                                  "--batch_sizes=1,8", f"--body_timeout={BODY_TIMEOUT}")
     yield url, log_file
     proc.terminate()
     proc.wait(timeout=30)
@@ -184,14 +195,115 @@ def test_fuzzed_bodies_never_get_a_5xx(client, body):
     assert response.json()
 
 
+# ---------------------------------------------------------------------------------------
+# Hostile clients, at the socket level, beside well-behaved ones.
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def request_head(key: str = KEYS[0], length: int = 0, extra: str = "") -> bytes:
+    return (f"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"{serve.KEY_HEADER}: {key}\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_and_json(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_wrong_key_gets_401_before_the_body_is_sent(server):
+    with connect(server[0]) as sock:
+        sock.sendall(request_head(key="wrong", length=10_000_000))  # announces 10 MB, sends none of it
+        t0 = time.perf_counter()
+        status, body = status_and_json(read_until_closed(sock))
+    assert status == 401 and "API key" in body["detail"]
+    assert time.perf_counter() - t0 < BODY_TIMEOUT  # not a body timeout: it never waited for the body
+
+
+def test_a_trickling_body_gets_408_while_others_are_answered(server, client):
+    sock, stop = connect(server[0]), threading.Event()
+    sock.sendall(request_head(length=100))
+
+    def trickle():  # a byte every 0.2 s: 20 s for the whole body
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.2):
+                sock.sendall(b" ")
+
+    t0 = time.perf_counter()
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        answered = client.post("/v1/predict", json={"texts": ["good"]})
+        assert answered.status_code == 200 and time.perf_counter() - t0 < BODY_TIMEOUT
+        status, body = status_and_json(read_until_closed(sock))
+    finally:
+        stop.set()
+        sock.close()
+    assert status == 408 and "did not arrive" in body["detail"]
+    assert BODY_TIMEOUT <= time.perf_counter() - t0 < BODY_TIMEOUT + 5
+
+
+def test_clients_that_disconnect_mid_request_leave_the_server_answering(server, client):
+    whole = json.dumps({"texts": ["good film"] * 8}).encode()
+    for cut in (0, 1, len(whole) // 2, len(whole)):  # within the head's end, the body, or before the answer
+        for _ in range(5):
+            with connect(server[0]) as sock:
+                sock.sendall(request_head(length=len(whole)) + whole[:cut])
+    assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),  # a TLS hello
+    b"\x00\xff\xfe garbage \r\n\r\n",
+    b"POST /v1/predict HTTP/1.1\r\nno colon in this header\r\n\r\n",
+    b"POST /v1/predict HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n",
+])
+def test_garbage_gets_400_and_a_closed_connection(server, client, garbage):
+    with connect(server[0]) as sock:
+        sock.sendall(garbage)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+
+
+def test_an_oversized_head_gets_400_without_waiting_for_its_end(server, client):
+    with connect(server[0]) as sock:
+        sock.sendall(request_head(extra=f"X-Filler: {'a' * 20_000}\r\n")[:-4])  # 20 kB, never ends
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    body = json.dumps({"texts": ["good"]}).encode()
+    with connect(server[0]) as sock:  # a head within the limit is fine
+        sock.sendall(request_head(length=len(body), extra=f"X-Filler: {'a' * 6_000}\r\nConnection: close\r\n")
+                     + body)
+        assert status_and_json(read_until_closed(sock))[0] == 200
+    assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed(server):
+    t0 = time.perf_counter()
+    with connect(server[0]) as silent, connect(server[0]) as trickling:
+        for part in (b"POST /v1/pre", b"dict HTTP/1.1\r\n", b"Host: a\r\n"):  # trickles, never ends
+            trickling.sendall(part)
+            time.sleep(1)
+        assert read_until_closed(silent) == b"" and read_until_closed(trickling) == b""
+    assert serve.KEEP_ALIVE_S - 0.5 <= time.perf_counter() - t0 < serve.KEEP_ALIVE_S + 5
+
+
 def test_the_server_survived_everything(server):
     assert httpx.get(f"{server[0]}/healthz").status_code == 200
     assert "Traceback" not in server[1].read_text()
 
 
 def test_read_keys_from_file_or_environment(tmp_path, monkeypatch):
-    (tmp_path / "keys").write_text("a\n\n b \n")
-    assert serve.read_keys(str(tmp_path / "keys")) == ["a", "b"]
+    (tmp_path / "keys").write_text("a\n\n b \nabc,def\n")
+    assert serve.read_keys(str(tmp_path / "keys")) == ["a", "b", "abc,def"]  # a file holds one key a line
     monkeypatch.setenv(serve.KEYS_ENV, "x, y,")
     assert serve.read_keys(None) == ["x", "y"]
     monkeypatch.setenv(serve.KEYS_ENV, " ")
@@ -233,3 +345,82 @@ def test_batcher_merges_requests_that_wait_and_splits_the_answers():
     answers = asyncio.run(scenario())
     assert [a[:, 0].tolist() for a in answers] == [[1], [2, 3], [2, 3], [2, 3]]
     assert calls == [["a"], ["bb", "bbb", "cc", "ccc"], ["dd", "ddd"]]  # merged up to max_rows
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(trained_runs, tmp_path):
+    proc, url, log_file = serving(tmp_path, [f"--model=lstm={trained_runs['lstm']}"], "--batch_sizes=1,8")
+    bodies = [json.dumps({"texts": [f"good film {i}", "awful"]}).encode() for i in range(4)]
+    socks = [connect(url) for _ in bodies]
+    for sock, body in zip(socks, bodies):  # accepted, but their bodies still on the way
+        sock.sendall(request_head(length=len(body)) + body[:5])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    with pytest.raises(ConnectionRefusedError):  # no longer accepting
+        connect(url)
+    for sock, body in zip(socks, bodies):
+        sock.sendall(body[5:])
+    answers = [status_and_json(read_until_closed(sock)) for sock in socks]
+    assert [status for status, _ in answers] == [200] * len(bodies)
+    assert all(len(body["predictions"]) == 2 for _, body in answers)
+    # uvicorn, once drained, ends by re-raising the signal it caught: killed by SIGTERM.
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert "Finished server process" in log_file.read_text() and "Traceback" not in log_file.read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# Limits and failures, in process.
+
+
+def broken(predictor, predict):
+    """A copy of a loaded model that predicts with `predict`."""
+    copy = dataclasses.replace(predictor)
+    copy.predict = predict
+    return copy
+
+
+def test_an_unexpected_error_gets_a_json_500(predictors):
+    def fails(texts):
+        raise RuntimeError("a bug")
+
+    app = serve.create_app({"lstm": broken(predictors["lstm"], fails)}, list(KEYS))
+    with TestClient(app, raise_server_exceptions=False, headers={serve.KEY_HEADER: KEYS[0]}) as c:
+        response = c.post("/v1/predict", json={"texts": ["good"]})
+        assert response.status_code == 500 and "internal server error" in response.json()["detail"]
+        assert c.post("/v1/predict", json={"texts": ["good"]}).status_code == 500  # still serving
+
+
+def test_a_full_queue_gets_503_with_retry_after(predictors):
+    lstm, started, release = predictors["lstm"], threading.Event(), threading.Event()
+
+    def slow(texts):
+        started.set()
+        release.wait(20)
+        return lstm.predict(texts)
+
+    app = serve.create_app({"lstm": broken(lstm, slow)}, list(KEYS), queue_size=2)
+    with TestClient(app, headers={serve.KEY_HEADER: KEYS[0]}) as c, \
+            concurrent.futures.ThreadPoolExecutor(3) as pool:
+        ask = lambda: c.post("/v1/predict", json={"texts": ["good"]})  # noqa: E731
+        working = pool.submit(ask)
+        assert started.wait(20)  # the worker holds the first request...
+        waiting = [pool.submit(ask) for _ in range(2)]  # ...and two wait: the queue is full
+        time.sleep(0.5)
+        refused = ask()
+        release.set()
+        assert [f.result().status_code for f in [working, *waiting]] == [200] * 3
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "requests waiting" in refused.json()["detail"]
+
+
+def test_each_key_has_its_own_rate_limit(predictors):
+    app = serve.create_app({"lstm": predictors["lstm"]}, list(KEYS), rate_limit=4, rate_burst=3)
+    with TestClient(app) as c:
+        one = [c.get("/v1/models", headers={serve.KEY_HEADER: KEYS[0]}) for _ in range(4)]
+        assert [r.status_code for r in one] == [200, 200, 200, 429]  # a burst of 3, then over
+        assert one[-1].headers["Retry-After"] == "1" and "rate limit" in one[-1].json()["detail"]
+        assert c.get("/v1/models", headers={serve.KEY_HEADER: KEYS[1]}).status_code == 200
+        time.sleep(0.3)  # 4 per second: one more request after 0.25 s
+        assert c.get("/v1/models", headers={serve.KEY_HEADER: KEYS[0]}).status_code == 200
+        assert c.get("/v1/models", headers={serve.KEY_HEADER: KEYS[0]}).status_code == 429
+        assert c.get("/v1/models", headers={serve.KEY_HEADER: "wrong"}).status_code == 401

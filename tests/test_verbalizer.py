@@ -193,9 +193,10 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
     rng = np.random.default_rng(0)
     make = lambda n: [(" ".join(rng.choice(["good", "great"] if y else ["bad", "awful"], 3)) + " movie", y)
                       for y in rng.integers(0, 2, n)]
-    cfg = _cfg(folder, tmp_path)
+    cfg, test_rows = _cfg(folder, tmp_path), make(16)
+    test_counts = np.bincount([y for _, y in test_rows], minlength=2).tolist()
     cfg.data.update(name="csv", inputs="backbone_features", bucket_width=0, train_file=_csv(tmp_path / "tr.csv", make(48)),
-                    validation_file=_csv(tmp_path / "va.csv", make(16)), test_file=_csv(tmp_path / "te.csv", make(16)))
+                    validation_file=_csv(tmp_path / "va.csv", make(16)), test_file=_csv(tmp_path / "te.csv", test_rows))
     cfg.model.update(name="feature_mlp", head_sizes=(8,), dropout=0.0)
     cfg.train.update(epochs=2, batch_size=16, eval_batch_size=16, loss="sigmoid", confidence_penalty=0.1)
     cfg.backbone.update(template=TEMPLATE + " {mask}", label_words=("bad", "good"))
@@ -203,7 +204,8 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
     result = train.train_and_evaluate(cfg, tmp_path / "run1")
     # Only the head is trained: 16*8 + 8 (dense) + 2*8 (BatchNorm scale, bias) + 8 + 1 (output).
     assert result["trainable_params"] == 16 * 8 + 8 + 2 * 8 + 8 + 1
-    assert 0.0 <= result["accuracy"] <= 1.0
+    # Every test text scored once, under its own label.
+    assert np.sum(result["confusion_matrix"], axis=1).tolist() == test_counts
     assert len(list((tmp_path / "features").glob("*.npz"))) == 3  # train, validation, test
 
     def no_extraction(*args, **kwargs):
@@ -215,7 +217,8 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
     encoded = inputs.encode_splits(data.load_dataset(cfg.data))
     assert inputs.vocab_size == 16 and encoded["train"].ids.shape == (48, 16)
     report = verbalizer.zero_shot(cfg)
-    assert report["num_examples"] == 16 and 0.0 <= report["accuracy"] <= 1.0
+    assert report["num_examples"] == 16 and np.sum(report["confusion_matrix"], axis=1).tolist() == test_counts
+    assert report["accuracy"] == np.trace(report["confusion_matrix"]) / 16
 
 def test_backbone_path_errors_are_one_line(tmp_path):
     for path, message in ((str(tmp_path / "missing"), "not a folder"), (str(tmp_path), "no config.json")):
