@@ -157,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = e = ml_collections.ConfigDict()
     e.split = "test"
     e.checkpoint = "best"  # best | latest | a step number
+    # Fit a temperature on validation (softmax(logits / T)) and report ECE, Brier and loss on the
+    # eval split before and after it; accuracy does not change.
+    e.calibrate = False
     return c
 
 
@@ -301,6 +304,9 @@ def check_config(cfg) -> None:
     refit = get_field(cfg, "data.train_on_validation")
     if refit is not ABSENT and not isinstance(refit, bool):
         raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
+    if refit is True and get_field(cfg, "eval.calibrate") is True:
+        raise ValueError("eval.calibrate fits a temperature on validation, which data.train_on_validation trains "
+                         "on; turn one of them off")
     if cfg.data.name == "nusax_senti":
         from sentiment_jax import data
 

@@ -25,7 +25,8 @@ from sentiment_jax._extras import MissingExtra
 
 def mean_probabilities(workdirs: Sequence[str | pathlib.Path], split: str = "test",
                        checkpoint: str | int = "best") -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[dict]]:
-    """(the members' mean probabilities [N, K], labels [N], class names, each member's own figures) on `split`."""
+    """(the members' mean probabilities [N, K], labels [N], class names, each member's own figures and
+    probabilities) on `split`."""
     if len(workdirs) < 2:
         raise ValueError(f"an ensemble needs at least two workdirs, got {len(workdirs)}")
     total, reference, members = None, None, []
@@ -43,7 +44,7 @@ def mean_probabilities(workdirs: Sequence[str | pathlib.Path], split: str = "tes
         probs = predictor.predict(texts)
         report = metrics.classification_report(labels, probs.argmax(-1), predictor.label_names)
         members.append({"workdir": str(workdir), "checkpoint_step": predictor.checkpoint_step,
-                        "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+                        "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "probabilities": probs})
         total = probs if total is None else total + probs
     label_names, _, labels, _ = reference
     return total / len(workdirs), labels, label_names, members
@@ -53,7 +54,14 @@ def ensemble(workdirs: Sequence[str | pathlib.Path], split: str = "test", checkp
     """The ensemble's report on `split` (as `train.evaluate` writes one), with each member's own figures."""
     probs, labels, label_names, members = mean_probabilities(workdirs, split, checkpoint)
     report = metrics.classification_report(labels, probs.argmax(-1), label_names)
-    report.update({"split": split, "checkpoint": str(checkpoint), "members": members})
+    rows = {m["workdir"]: {"labels": labels, "probabilities": m.pop("probabilities"), "label_names": list(label_names)}
+            for m in members}
+    rows["ensemble"] = {"labels": labels, "probabilities": probs, "label_names": list(label_names)}
+    accuracy = {**{m["workdir"]: m["accuracy"] for m in members}, "ensemble": report["accuracy"]}
+    best = max(accuracy, key=accuracy.get)
+    # Which gaps between the rows are more than the luck of this split's examples.
+    report.update({"split": split, "checkpoint": str(checkpoint), "members": members,
+                   "significance": {"best": best, "others_minus_best": metrics.against_best(rows, best)}})
     return report
 
 
@@ -78,6 +86,7 @@ def main(argv) -> None:
               f"macro-F1 {m['macro_f1']:.4f}")
     print(f"ensemble of {len(report['members'])}, {FLAGS.split}:")
     print(metrics.format_report(report, list(report["per_class"])))
+    print(metrics.significance_table(report["significance"]["others_minus_best"], report["significance"]["best"]))
     if FLAGS.output:
         pathlib.Path(FLAGS.output).write_text(json.dumps(report, indent=2))
 

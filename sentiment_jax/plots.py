@@ -119,6 +119,49 @@ def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:
     return _save(fig, out)
 
 
+def reliability_diagram(curves: dict[str, dict], out: pathlib.Path) -> pathlib.Path:
+    """Accuracy against mean confidence per bin (metrics.calibration_bins), one line per curve; the
+    diagonal is perfect calibration and the bars below show how many examples fall in each bin."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    for k, (label, b) in enumerate(curves.items()):
+        used = np.asarray(b["count"]) > 0
+        ax.plot(np.asarray(b["confidence"])[used], np.asarray(b["accuracy"])[used], "-o", ms=4, label=label)
+        edges = np.linspace(0, 1, len(b["count"]) + 1)
+        width = (edges[1] - edges[0]) / len(curves)
+        counts.bar(edges[:-1] + k * width, b["count"], width, align="edge", label=label)
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability (equal-width bins of the top probability)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    counts.set_xlabel("confidence")
+    counts.set_ylabel("examples")
+    counts.set_yscale("log")
+    counts.set_xlim(0, 1)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def failure_rates(rates: dict[str, dict[str, float | None]], out: pathlib.Path) -> pathlib.Path:
+    """Behavioural failure rate per capability (behaviour.py), one bar per run side by side; n/a left out."""
+    names = list(rates)
+    capabilities = list(dict.fromkeys(c for r in rates.values() for c in r))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(capabilities) * max(len(names), 2) / 2 + 2), 4))
+    for k, name in enumerate(names):
+        values = [rates[name].get(c) for c in capabilities]
+        x = np.arange(len(capabilities)) + (k - (len(names) - 1) / 2) * width
+        ax.bar(x, [np.nan if v is None else 100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(capabilities)), capabilities, rotation=30, ha="right")
+    ax.set_ylabel("failure rate %")
+    ax.set_ylim(0, 100)
+    ax.set_title("behavioural tests: failure rate per capability (lower is better)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig, out: pathlib.Path) -> pathlib.Path:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

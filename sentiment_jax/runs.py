@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sentiment_jax import checkpoints, config_base, input_pipeline, sharding, state, steps, tokenization
+from sentiment_jax import checkpoints, config_base, input_pipeline, metrics, sharding, state, steps, tokenization
 
 CONFIG_FILE, LABELS_FILE, ENCODER_FILE = "config.json", "labels.json", "encoder.json"
 METRICS_FILE, RESULT_FILE = "metrics.jsonl", "result.json"
@@ -292,6 +292,16 @@ def read_result(workdir: str | pathlib.Path) -> dict | None:
     """The test report the run wrote when it finished, or None if it has not finished."""
     file = pathlib.Path(workdir) / RESULT_FILE
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def read_predictions(workdir: str | pathlib.Path) -> dict | None:
+    """The per-example test predictions behind result.json (metrics.load_predictions), or None for a run
+    that has not finished or was trained before they were saved."""
+    result = read_result(workdir)
+    if result is None:
+        return None
+    file = pathlib.Path(workdir) / f"predictions_{result['split']}_{result['checkpoint']}.npz"
+    return metrics.load_predictions(file) if file.is_file() else None
 
 
 def write_report(workdir: pathlib.Path, name: str, report: dict) -> None:

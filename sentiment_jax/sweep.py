@@ -9,11 +9,15 @@ A sweep file (see `configs/sweeps/`) has `get_sweep(preset)` returning a dict:
   seeds     optional [0, 1, 2]: each configuration once per seed (sets `seed`)
   compare   optional, default True; False when the rows are different tasks (e.g. one per
             language) rather than rival configurations: no best mark, an average row instead
+  behaviour optional: a behavioural test suite (sentiment_jax/suites/, "auto" for each run's
+            language) run on every configuration, its table appended to summary.md
 
 Runs land in WORKDIR/NAME/seed_S. A folder with `result.json` is done and skipped, an
 interrupted one resumes from its checkpoints, and a run that fails is recorded in the
 summary (with its error in `error.txt`) while the others go on. The best configuration
 is chosen by mean validation accuracy (macro-F1 when the runs pick checkpoints by it), never by test.
+Every other configuration is then compared with it on the same test examples: a paired bootstrap
+interval of the accuracy and macro-F1 difference and McNemar's exact test (first finished seed of each).
 
   python -m sentiment_jax.sweep --sweep=configs/sweeps/compare.py:quick --workdir=runs/compare
   python -m sentiment_jax.sweep --sweep=configs/sweeps/lstm_shapes.py:full --workdir=runs/shapes \
@@ -37,11 +41,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from sentiment_jax import config_base, runs, train
+from sentiment_jax import config_base, metrics, runs, train
 from sentiment_jax._extras import MissingExtra
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SPEC_KEYS = {"config", "set", "variants", "grid", "seeds", "compare"}
+SPEC_KEYS = {"config", "set", "variants", "grid", "seeds", "compare", "behaviour"}
 
 
 class SweepError(ValueError):
@@ -222,7 +226,7 @@ def group_rows(rows: list[dict], compare: bool = True, metric: str = "accuracy")
     for name in dict.fromkeys(r["name"] for r in rows):
         members = [r for r in rows if r["name"] == name]
         done = [r for r in members if r["status"] == "done"]
-        group = {"name": name, "seeds": len(done), "runs": len(members),
+        group = {"name": name, "seeds": len(done), "runs": len(members), "folder": done[0]["folder"] if done else None,
                  "trainable_params": done[0]["trainable_params"] if done else None,
                  "total_params": done[0]["total_params"] if done else None}
         for column in MEAN_COLUMNS:
@@ -254,9 +258,37 @@ def _cell(group: dict, column: str, scale: float = 1.0, digits: int = 2) -> str:
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
+def add_significance(groups: list[dict], workdir: pathlib.Path) -> None:
+    """Sets `vs_best` of each configuration tested on the best one's test examples: metrics.paired_difference
+    of its first finished seed minus the best's."""
+    best = next((g for g in groups if g["best"]), None)
+    predictions = {g["name"]: runs.read_predictions(workdir / g["folder"]) for g in groups if g.get("folder")}
+    if best is None or predictions.get(best["name"]) is None:
+        return
+    labels = predictions[best["name"]]["labels"]
+    same = {n: p for n, p in predictions.items() if p is not None and np.array_equal(p["labels"], labels)}
+    for name, s in metrics.against_best(same, best["name"]).items():
+        next(g for g in groups if g["name"] == name)["vs_best"] = s
+
+
+def behaviour_table(groups: list[dict], workdir: pathlib.Path, suite: str) -> str | None:
+    """The behavioural suite on each configuration's first finished seed, side by side (files in
+    WORKDIR/behaviour/); None when nothing has finished."""
+    from sentiment_jax import behaviour
+
+    done = {g["name"]: workdir / g["folder"] for g in groups if g.get("folder")}
+    if not done:
+        return None
+    _, text = behaviour.run(list(done.values()), names=list(done), suite=None if suite == "auto" else suite,
+                            out=workdir / "behaviour")
+    return text
+
+
 def markdown_table(groups: list[dict]) -> str:
+    compare = any(g["best"] for g in groups)
     lines = ["| run | seeds | trainable / total params | val acc % | test acc % | test macro-F1 | "
-             "train s | train ex/s |", "|" + " --- |" * 8]
+             "train s | train ex/s |" + (f" {metrics.SIGNIFICANCE_HEADER} |" if compare else ""),
+             "|" + " --- |" * (11 if compare else 8)]
     for g in groups:
         params = (f"{g['trainable_params']:,} / {g['total_params']:,}" if g["trainable_params"] is not None
                   else "–")
@@ -264,28 +296,36 @@ def markdown_table(groups: list[dict]) -> str:
         seeds = f"{g['seeds']}/{g['runs']}" + ("" if g["seeds"] == g["runs"] else " (see failures)")
         lines.append(f"| {name} | {seeds} | {params} | {_cell(g, 'val_accuracy', 100)} | "
                      f"{_cell(g, 'test_accuracy', 100)} | {_cell(g, 'test_macro_f1', 1, 4)} | "
-                     f"{_cell(g, 'train_seconds', 1, 0)} | {_cell(g, 'examples_per_s', 1, 0)} |")
+                     f"{_cell(g, 'train_seconds', 1, 0)} | {_cell(g, 'examples_per_s', 1, 0)} |" +
+                     (f" {metrics.significance_cell(g.get('vs_best'))} | "
+                      f"{metrics.significance_cell(g.get('vs_best'), 'macro_f1')} | {metrics.p_cell(g.get('vs_best'))} |"
+                      if compare else ""))
     return "\n".join(lines)
 
 
-def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True) -> dict:
-    """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON."""
+def summarize(sweep_runs: list[Run], workdir: pathlib.Path, compare: bool = True, behaviour: str | None = None) -> dict:
+    """Writes summary.md, summary.csv (one row per run) and summary.json; returns the JSON. With `behaviour`
+    (a suite, "auto" for each run's language) the behavioural table of the configurations goes in too."""
     rows = [run_row(r, workdir) for r in sweep_runs]
     metrics = {r.cfg.checkpoint.best_metric for r in sweep_runs}  # e.g. macro_f1 for NusaX
     metric = metrics.pop() if len(metrics) == 1 else "accuracy"
     groups = group_rows(rows, compare, metric)
+    add_significance(groups, workdir)
     failures = [f"- {r['folder']}: {r.get('error', 'not run')}" for r in rows if r["status"] != "done"]
-    legend = (f"Best (by mean validation {metric.replace('_', '-')}) in bold." if compare
+    legend = (f"Best (by mean validation {metric.replace('_', '-')}) in bold; Δ: each configuration minus the best "
+              "on the same test examples, with a paired bootstrap 95% interval and McNemar's exact p." if compare
               else "Last row: the mean of the rows above.")
+    table = behaviour_table(groups, workdir, behaviour) if behaviour else None
     text = "\n".join(["# Sweep summary", "", f"{legend} Folder: `{workdir}`.",
-                      "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []))
+                      "", markdown_table(groups)] + (["", "Not finished:", *failures] if failures else []) +
+                     (["", "## Behavioural tests", "", table] if table else []))
     (workdir / "summary.md").write_text(text + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     (workdir / "summary.csv").write_text(buffer.getvalue())
-    summary = {"runs": rows, "configurations": groups}
+    summary = {"runs": rows, "configurations": groups, **({"behaviour": table} if table else {})}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -300,7 +340,7 @@ def run_sweep(spec_file: str, workdir: str | pathlib.Path, overrides: dict | Non
     sweep_runs = expand(spec, overrides, where=spec_file)
     workdir.mkdir(parents=True, exist_ok=True)
     run_all(sweep_runs, workdir)
-    summary = summarize(sweep_runs, workdir, compare=spec.get("compare", True))
+    summary = summarize(sweep_runs, workdir, compare=spec.get("compare", True), behaviour=spec.get("behaviour"))
     if plots:
         from sentiment_jax import plots as plots_lib
 

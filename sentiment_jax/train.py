@@ -48,14 +48,12 @@ def make_batches(cfg, split: input_pipeline.Encoded, *, train: bool, batch_size:
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def evaluate_split(cfg, predict_step, params, rest, split, label_names, batch_sharding, desc=None) -> dict:
+def evaluate_split(cfg, predict_step, params, rest, split, label_names, batch_sharding,
+                   desc=None) -> tuple[dict, np.ndarray]:
+    """(the report, the probabilities [N, K]) of one split."""
     probs = steps.predict_probabilities(predict_step, params, rest, make_batches(cfg, split, train=False),
                                         batch_sharding, desc)
-    report = metrics_lib.classification_report(split.labels, probs.argmax(-1), label_names)
-    # Cross-entropy of the true class; for either loss this is the training loss on this split.
-    true_probs = probs[np.arange(len(split.labels)), split.labels]
-    report["loss"] = float(-np.mean(np.log(np.maximum(true_probs, np.finfo(np.float32).tiny))))
-    return report
+    return metrics_lib.probability_report(split.labels, probs, label_names), probs
 
 
 def run_files(cfg, workdir: pathlib.Path, dataset: data_lib.Dataset, resume: bool):
@@ -169,6 +167,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
     mesh, is_main = setup.mesh, jax.process_index() == 0
     steps_per_epoch = len(train_batches)
     decay = cfg.train.ema_decay
+    schedule = optimizer.learning_rate(cfg, steps_per_epoch * cfg.train.epochs)
     train_step = steps.make_train_step(setup, cfg.train.confidence_penalty,
                                        losses.class_weights(cfg, encoded["train"].labels, dataset.num_classes), decay)
     predict_step = steps.make_predict_step(setup.graphdef, mesh, cfg.mesh, setup.state_sharding.params,
@@ -225,8 +224,8 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
         val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none
         if not refit:
             weights = state_lib.model_item(state)  # the average when on: it picks the best checkpoint
-            report = evaluate_split(cfg, predict_step, weights["params"], weights["rest"], encoded["validation"],
-                                    dataset.label_names, setup.batch_sharding, desc="validation")
+            report, _ = evaluate_split(cfg, predict_step, weights["params"], weights["rest"], encoded["validation"],
+                                       dataset.label_names, setup.batch_sharding, desc="validation")
             writer.confusion(step, "val", report)
             val = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
             scalars.update({"val/loss": report["loss"], **{f"val/{k}": v for k, v in val.items()}})
@@ -249,10 +248,17 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", which: str | i
     if split not in dataset.splits:
         raise ValueError(f"unknown split '{split}'; choose one of {sorted(dataset.splits)}")
     encoded = encode_splits(run.cfg, dataset, run.encoder, workdir)
-    report = evaluate_split(run.cfg, run.predict_step, run.params, run.rest, encoded[split], run.label_names,
-                            run.batch_sharding, desc=f"eval {split}")
+    report, probs = evaluate_split(run.cfg, run.predict_step, run.params, run.rest, encoded[split], run.label_names,
+                                   run.batch_sharding, desc=f"eval {split}")
     report.update({"split": split, "checkpoint_step": run.step, "checkpoint": str(which)})
+    validation = None
+    if run.cfg.eval.calibrate:  # a temperature fitted on validation, reported on `split`
+        _, val_probs = evaluate_split(run.cfg, run.predict_step, run.params, run.rest, encoded["validation"],
+                                      run.label_names, run.batch_sharding)
+        validation = (val_probs, encoded["validation"].labels)
     if jax.process_index() == 0:
+        report.update(metrics_lib.test_time_additions(probs, encoded[split].labels, run.label_names, workdir,
+                                                      f"{split}_{which}", validation))
         runs.write_report(workdir, f"eval_{split}_{which}.json", report)
         print(metrics_lib.format_report(report, run.label_names), flush=True)
     return report

@@ -38,3 +38,25 @@ def test_ensemble_mistakes_are_one_line_errors(trained_runs):
     run = subprocess.run([sys.executable, "-m", "sentiment_jax.ensemble", f"--workdirs={trained_runs['lstm']}"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.strip() == "error: an ensemble needs at least two workdirs, got 1"
+
+
+def test_ensemble_rows_are_compared_with_the_best_on_the_same_examples(trained_runs, predictors):
+    from math import comb
+
+    names = ("lstm", "transformer")
+    report = ensemble.ensemble([trained_runs[n] for n in names], split="test")
+    test = data.load_dataset(predictors["lstm"].config.data).splits["test"]
+    probs = {str(trained_runs[n]): predictors[n].predict(test.texts) for n in names}
+    probs["ensemble"] = np.mean(list(probs.values()), axis=0)
+    right = {name: p.argmax(-1) == test.labels for name, p in probs.items()}
+    best = report["significance"]["best"]
+    assert right[best].mean() == max(r.mean() for r in right.values())
+    others = report["significance"]["others_minus_best"]
+    assert sorted(others) == sorted(set(right) - {best})
+    for name, s in others.items():
+        only_this, only_best = int(np.sum(right[name] & ~right[best])), int(np.sum(~right[name] & right[best]))
+        n = only_this + only_best
+        p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(min(only_this, only_best) + 1)) / 2 ** n)
+        assert s["mcnemar_p"] == pytest.approx(p)
+        assert s["accuracy"]["difference"] == pytest.approx(right[name].mean() - right[best].mean())
+    json.dumps(report)  # what --output writes

@@ -35,7 +35,8 @@ def tiny_sweep(tmp_path_factory):
     spec = {"config": "configs/lstm.py", "set": {**tiny_data(files), **TINY_MODEL},
             "variants": [{"name": "lstm"},
                          {"name": "broken", "set": {"data.train_file": str(folder / "missing.csv")}}],
-            "seeds": [0, 1]}
+            "seeds": [0, 1], "behaviour": "english"}
+    spec["set"]["eval.calibrate"] = True
     spec_file = write_sweep(folder, spec)
     summary = sweep.run_sweep(spec_file, folder / "runs")
     return spec_file, folder / "runs", summary
@@ -72,6 +73,7 @@ def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatc
     assert lstm["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     table = (workdir / "summary.md").read_text()
     assert "**lstm** (best)" in table and "0/2 (see failures)" in table and "broken/seed_0" in table
+    assert "## Behavioural tests" in table and summary["behaviour"] in table
     assert len(list(csv.DictReader((workdir / "summary.csv").open()))) == 4
     assert json.loads((workdir / "summary.json").read_text()) == summary
     for png in ("curves.png", "f1.png", "lstm/seed_0/confusion.png", "lstm/seed_1/confusion.png"):
@@ -88,6 +90,67 @@ def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatc
     sweep.run_all(changed, workdir)
     assert not trained[2:]
     assert {r["error"] for r in sweep.summarize(changed, workdir)["runs"]} == {sweep.OTHER_CONFIG}
+
+
+def reference_ece(labels, probs, bins=15):
+    """ECE written as a loop over bins (lo, hi] of the top probability."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        rows = [i for i, p in enumerate(probs) if lo < p.max() <= hi]
+        if rows:
+            accuracy = np.mean([probs[i].argmax() == labels[i] for i in rows])
+            total += len(rows) * abs(accuracy - np.mean([probs[i].max() for i in rows]))
+    return total / len(labels)
+
+
+def test_runs_save_their_test_predictions_and_calibration(tiny_sweep):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    folder = tiny_sweep[1] / "lstm/seed_0"
+    result, saved = runs.read_result(folder), runs.read_predictions(folder)
+    labels, probs = saved["labels"], saved["probabilities"]
+    assert saved["label_names"] == ["neg", "pos"] and len(labels) == result["num_examples"]
+    assert result["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(-1)))
+    assert result["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(-1), average="macro"))
+    assert result["ece"] == pytest.approx(reference_ece(labels, probs))
+    assert result["brier"] == pytest.approx(np.mean(np.sum((probs - np.eye(2)[labels]) ** 2, -1)))
+    scaling = result["temperature_scaling"]  # eval.calibrate: fitted on validation, reported on test
+    logits = np.log(probs.astype(np.float64)) / scaling["temperature"]
+    scaled = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert scaling["ece"] == pytest.approx(reference_ece(labels, scaled))
+    assert scaling["loss"] == pytest.approx(-np.mean(np.log(scaled[np.arange(len(labels)), labels])), rel=1e-5)
+    assert (folder / "reliability_test_best.png").stat().st_size > 5000
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_configurations_are_compared_with_the_best_on_the_same_examples(tiny_sweep):
+    from math import comb
+
+    workdir = tiny_sweep[1]
+    groups = [{"name": "first", "folder": "lstm/seed_0", "best": True},
+              {"name": "second", "folder": "lstm/seed_1", "best": False},
+              {"name": "unfinished", "folder": "broken/seed_0", "best": False}]
+    sweep.add_significance(groups, workdir)
+    a, b = (runs.read_predictions(workdir / f"lstm/seed_{s}") for s in (0, 1))
+    right_a, right_b = (p["probabilities"].argmax(-1) == p["labels"] for p in (a, b))
+    only_b, only_a = int(np.sum(right_b & ~right_a)), int(np.sum(right_a & ~right_b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p_value = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+    s = groups[1]["vs_best"]
+    assert s["mcnemar_p"] == pytest.approx(p_value)
+    accuracy = [runs.read_result(workdir / f"lstm/seed_{i}")["accuracy"] for i in (0, 1)]
+    assert s["accuracy"]["difference"] == pytest.approx(accuracy[1] - accuracy[0])
+    assert s["accuracy"]["low"] <= s["accuracy"]["difference"] <= s["accuracy"]["high"]
+    assert "vs_best" not in groups[0] and "vs_best" not in groups[2]
+    table = sweep.markdown_table(groups_with_figures(groups))
+    assert "McNemar p" in table and f"{p_value:.2g} |" in table.splitlines()[3]
+    assert "| negation |" in tiny_sweep[2]["behaviour"]  # the sweep's behavioural table, also in summary.md
+    assert (workdir / "behaviour" / "behaviour.png").is_file() and (workdir / "lstm/seed_0/behaviour.json").is_file()
+
+
+def groups_with_figures(groups):
+    return [{**g, "seeds": 1, "runs": 1, "trainable_params": None, "total_params": None} for g in groups]
 
 
 @pytest.mark.parametrize("model", [

@@ -5,6 +5,7 @@
 
 quick: 2,000-example subsets of each IMDB split, 200 tokens, 2 epochs (minutes on a CPU).
 full:  all of IMDB with each model's own config file unchanged.
+Both add the English behavioural suite's table per model to summary.md (sentiment_jax/behaviour.py).
 """
 
 from presets import QUICK
@@ -26,7 +27,7 @@ def get_sweep(preset: str = "quick"):
     if preset not in ("quick", "full"):
         raise ValueError(f"unknown preset '{preset}' of configs/sweeps/compare.py; choose quick or full")
     if preset == "full":
-        return {"variants": MODELS, "seeds": [0]}
+        return {"variants": MODELS, "seeds": [0], "behaviour": "english"}
     variants = [{**m, "set": {"data.max_length": QUICK["data.max_length"] * FEATURES_PER_WORD[m["name"]]}}
                 if m["name"] in FEATURES_PER_WORD else m for m in MODELS]
-    return {"variants": variants, "set": QUICK, "seeds": [0]}
+    return {"variants": variants, "set": QUICK, "seeds": [0], "behaviour": "english"}
