@@ -1,0 +1,140 @@
+"""`python -m sentiment_jax.export --workdir=RUN --output=DIR`: a trained run as a self-contained serving folder.
+
+A run needs this package's training code, its Orbax checkpoints and the model classes to
+predict; the folder written here needs only JAX, NumPy and the tokenizer (`exported.py`):
+
+  manifest.json          model kind and config, labels, test metrics, input shapes, versions
+  forward_<L>.jaxexport  the forward pass (ids, mask -> probabilities) for length bucket L,
+                         serialized StableHLO with a symbolic batch dimension
+  params.safetensors     the parameters, an argument of every program
+  tokenizer.json, labels.json
+
+One program per length bucket rather than a symbolic length: the bag models count repeated
+ids with a sort and a binary search, whose trip count must be known when exporting. The
+parameters travel beside the programs rather than inside them as constants, so the programs
+stay a few kilobytes whatever the vocabulary, and the weights are loaded (and can be read)
+once for all buckets.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import pathlib
+import platform
+import shutil
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sentiment_jax import exported, inference, runs, train
+
+LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "safetensors", "tokenizers")
+
+
+def flat_weights(state) -> tuple[dict[str, np.ndarray], callable]:
+    """A pytree of arrays as {"a/b/c": array} (what safetensors and the program's signature hold) and its inverse."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+    weights = {n: np.asarray(x) for n, (_, x) in zip(names, leaves)}
+    return weights, lambda flat: jax.tree.unflatten(treedef, [flat[n] for n in names])
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "sentiment_jax": importlib.metadata.version("sentiment_jax")
+             if _installed("sentiment_jax") else "source"}
+    return {**found, **{lib: importlib.metadata.version(lib) for lib in LIBRARIES if _installed(lib)}}
+
+
+def _installed(lib: str) -> bool:
+    try:
+        importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
+               platforms: Sequence[str] | None = None) -> pathlib.Path:
+    """Writes the export folder of one checkpoint of a run; returns its path."""
+    workdir, output = pathlib.Path(workdir), pathlib.Path(output)
+    if output.exists() and not exported.is_export(output) and any(output.iterdir()):
+        raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
+    run = runs.restore(workdir, checkpoint)
+    weights, unflatten = flat_weights({"params": run.state.params, "rest": run.state.rest})
+    graphdef = run.setup.graphdef
+
+    def forward(weights, ids, mask):
+        state = unflatten(weights)
+        model = nnx.merge(graphdef, state["params"], state["rest"])
+        return train.probabilities(model(ids, mask, deterministic=True))
+
+    d = run.cfg.data
+    lengths = inference.length_buckets(d.max_length)
+    batch = jax.export.symbolic_shape("batch")[0]
+    specs = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in weights.items()}
+    platforms = tuple(platforms or (jax.default_backend(),))
+    tmp = output.with_name(f"{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for length in lengths:
+        program = jax.export.export(jax.jit(forward), platforms=platforms)(
+            specs, jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_))
+        (tmp / exported.program_file(length)).write_bytes(program.serialize())
+    from safetensors.numpy import save_file
+
+    save_file(weights, tmp / exported.PARAMS)
+    run.tokenizer.save(tmp)
+    (tmp / exported.LABELS).write_text(json.dumps(list(run.label_names)))
+    manifest = {
+        "format": exported.FORMAT, "version": exported.VERSION,
+        "model": run.cfg.model.to_dict(), "labels": list(run.label_names), "checkpoint_step": run.step,
+        "source_run": workdir.name, "metrics": runs.read_result(workdir),
+        "inputs": {"ids": {"shape": ["batch", "length"], "dtype": "int32"},
+                   "mask": {"shape": ["batch", "length"], "dtype": "bool"}, "lengths": list(lengths), "batch_sizes": list(inference.BATCH_SIZES),
+                   "max_length": d.max_length, "padding": d.padding, "truncation": d.truncation},
+        "outputs": {"probabilities": {"shape": ["batch", len(run.label_names)], "dtype": "float32"}},
+        "platforms": list(platforms), "versions": versions(),
+    }
+    (tmp / exported.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    return output
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "The trained run to export.", required=True)
+    flags.DEFINE_string("output", None, "The folder to write (replaced if it holds an earlier export).",
+                        required=True)
+    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+    flags.DEFINE_list("platforms", None, "Platforms to compile for, e.g. cpu,cuda,tpu (default: this machine's).")
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags, logging
+
+    from sentiment_jax import checkpoints
+
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        output = export_run(FLAGS.workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, platforms=FLAGS.platforms)
+    except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {FLAGS.workdir} to {output}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

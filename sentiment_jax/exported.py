@@ -1,0 +1,142 @@
+"""An exported run (written by `sentiment_jax.export`): texts -> class probabilities with JAX, NumPy and the tokenizer.
+
+The folder holds the forward pass as serialized StableHLO, one `jax.export` program per
+length bucket with a symbolic batch dimension, the parameters as safetensors (arguments of
+the programs), the tokenizer, the labels and `manifest.json`. Loading it imports none of the
+training code, optax, Orbax or Flax, so a folder serves wherever JAX runs, without the run's
+checkpoints. `ExportedPredictor` answers like `inference.Predictor`, so the predict CLI and
+the server take either.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from sentiment_jax import buckets, input_pipeline, tokenization
+
+MANIFEST = "manifest.json"
+PARAMS = "params.safetensors"
+LABELS = "labels.json"
+FORMAT = "sentiment_jax.export"
+VERSION = 1
+
+
+class ExportError(ValueError):
+    """A missing or unreadable export folder, phrased as one line with the fix."""
+
+
+def is_export(path: str | pathlib.Path) -> bool:
+    """Whether `path` is an export folder (it has a manifest) rather than a training run."""
+    return (pathlib.Path(path) / MANIFEST).is_file()
+
+
+def program_file(length: int) -> str:
+    return f"forward_{length}.jaxexport"
+
+
+class ExportedPredictor:
+    """An export folder loaded onto the default device: texts -> class probabilities."""
+
+    def __init__(self, folder: pathlib.Path, manifest: dict, tokenizer, programs: dict[int, jax.export.Exported],
+                 weights: dict[str, jax.Array], name: str, batch_sizes: Sequence[int]):
+        self.folder, self.manifest, self.tokenizer, self.name = folder, manifest, tokenizer, name
+        self.workdir = folder
+        self.kind = manifest["model"]["name"]
+        self.label_names = tuple(manifest["labels"])
+        self.checkpoint_step = int(manifest["checkpoint_step"])
+        self.metrics = manifest.get("metrics")
+        self.inputs = manifest["inputs"]
+        self.lengths = tuple(sorted(programs))
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        self._programs = {length: jax.jit(p.call) for length, p in programs.items()}
+        self._weights = weights
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """Class probabilities [N, K], in the order of `texts`."""
+        seqs = self.tokenizer.encode(texts)
+        return buckets.predict(seqs, [len(s) for s in seqs], self.lengths, self.batch_sizes, len(self.label_names),
+                               self._run)
+
+    def _run(self, seqs: list[np.ndarray], width: int, rows: int) -> np.ndarray:
+        ids, mask = input_pipeline.pad_batch(seqs, width, rows, padding=self.inputs["padding"],
+                                             truncation=self.inputs["truncation"])
+        return np.asarray(self._programs[width](self._weights, ids, mask))[:len(seqs)]
+
+    def warmup(self) -> None:
+        """Compiles every (batch, length) bucket now rather than on the first requests."""
+        buckets.warmup(self.lengths, self.batch_sizes, self._run, np.zeros(0, np.int32))
+
+    def records(self, probs: np.ndarray) -> list[dict]:
+        return buckets.records(self.label_names, probs)
+
+
+def read_manifest(folder: pathlib.Path) -> dict:
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise ExportError(f"{file} not found; is {folder} a folder written by `python -m sentiment_jax.export`?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ExportError(f"{file} is not valid JSON; export the run again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{file} is not a sentiment_jax export manifest; export the run again")
+    if manifest.get("version") != VERSION:
+        raise ExportError(f"{file} has export format version {manifest.get('version')}, this code reads "
+                          f"{VERSION}; export the run again with this version")
+    return manifest
+
+
+def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
+    file = folder / program_file(length)
+    if not file.is_file():
+        raise ExportError(f"{file} not found; the export is incomplete, export the run again")
+    try:
+        program = jax.export.deserialize(bytearray(file.read_bytes()))
+    except Exception:  # noqa: BLE001 - flatbuffers raise anything on a damaged file
+        raise ExportError(f"{file} is not a readable jax.export program; export the run again") from None
+    if jax.default_backend() not in program.platforms:
+        raise ExportError(f"{file} was exported for {', '.join(program.platforms)}, not {jax.default_backend()}; "
+                          f"export again with --platforms={jax.default_backend()}")
+    return program
+
+
+def _weights(folder: pathlib.Path, program: jax.export.Exported) -> dict[str, jax.Array]:
+    """The parameters, checked against the argument the program was exported for."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    file = folder / PARAMS
+    if not file.is_file():
+        raise ExportError(f"{file} not found; the export is incomplete, export the run again")
+    try:
+        arrays = load_file(file)
+    except (SafetensorError, OSError):
+        raise ExportError(f"{file} is not a readable safetensors file; export the run again") from None
+    (expected, *_), _ = jax.tree.unflatten(program.in_tree, program.in_avals)
+    got = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
+    want = {k: (tuple(v.shape), str(v.dtype)) for k, v in expected.items()}
+    if got != want:
+        wrong = sorted(set(got.items()) ^ set(want.items()))[0][0]
+        raise ExportError(f"{file} does not hold the parameters the program takes (first difference: '{wrong}'); "
+                          "export the run again")
+    return jax.device_put(arrays)
+
+
+def load(folder: str | pathlib.Path, *, name: str | None = None,
+         batch_sizes: Sequence[int] | None = None) -> ExportedPredictor:
+    """Reads an export folder; `batch_sizes` default to those the run was served with when exported."""
+    folder = pathlib.Path(folder)
+    manifest = read_manifest(folder)
+    try:
+        tokenizer = tokenization.load(folder)
+        programs = {int(length): _program(folder, int(length)) for length in manifest["inputs"]["lengths"]}
+        weights = _weights(folder, programs[max(programs)])
+        return ExportedPredictor(folder, manifest, tokenizer, programs, weights, name or folder.name,
+                                 batch_sizes or manifest["inputs"]["batch_sizes"])
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{folder / MANIFEST} lacks or garbles {e}; export the run again") from None
