@@ -97,6 +97,8 @@ def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
         raise ExportError(f"{file} not found; the export is incomplete, export the run again")
     try:
         program = jax.export.deserialize(bytearray(file.read_bytes()))
+    except ImportError:  # a missing dependency (flatbuffers), not a damaged file
+        raise
     except Exception:  # noqa: BLE001 - flatbuffers raise anything on a damaged file
         raise ExportError(f"{file} is not a readable jax.export program; export the run again") from None
     if jax.default_backend() not in program.platforms:
@@ -140,3 +142,16 @@ def load(folder: str | pathlib.Path, *, name: str | None = None,
                                  batch_sizes or manifest["inputs"]["batch_sizes"])
     except (KeyError, TypeError) as e:
         raise ExportError(f"{folder / MANIFEST} lacks or garbles {e}; export the run again") from None
+
+
+def load_predictor(path: str | pathlib.Path, *, name: str | None = None, checkpoint: str | int = "best",
+                   batch_sizes: Sequence[int] | None = None):
+    """What the predict CLI and the server load: an export folder (it has a manifest) or a trained run.
+
+    Only a run imports the training code; an export holds the one checkpoint it was exported from.
+    """
+    if is_export(path):
+        return load(path, name=name, batch_sizes=batch_sizes)
+    from sentiment_jax import inference
+
+    return inference.load(path, name=name, checkpoint=checkpoint, batch_sizes=batch_sizes or buckets.BATCH_SIZES)

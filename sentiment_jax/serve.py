@@ -1,4 +1,4 @@
-"""HTTP API over trained runs: `python -m sentiment_jax.serve --model=NAME=WORKDIR [--model=...]`.
+"""HTTP API over trained runs or exports: `python -m sentiment_jax.serve --model=NAME=WORKDIR [--model=...]`.
 
   POST /v1/predict  {"texts": [...], "model": "NAME"}  -> labels and class probabilities
   GET  /v1/models   the loaded runs with their test metrics (result.json)
@@ -259,17 +259,23 @@ def main(argv) -> None:
         keys = read_keys(FLAGS.api_keys_file)  # before importing JAX, to fail fast
     except (OSError, ValueError) as e:
         fail(e)
-    from sentiment_jax import checkpoints, inference
+    from sentiment_jax import exported
 
+    errors = (FileNotFoundError, ValueError, KeyError)
+    if not all(exported.is_export(spec.partition("=")[2]) for spec in FLAGS.model):
+        from sentiment_jax import checkpoints  # only runs need the training code
+
+        errors += (checkpoints.CheckpointError,)
     predictors = {}
     for spec in FLAGS.model:
         name, sep, workdir = spec.partition("=")
         if not sep or not name or not workdir or name in predictors:
             fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
         try:
-            sizes = [int(b) for b in FLAGS.batch_sizes] if FLAGS.batch_sizes else inference.BATCH_SIZES
-            predictors[name] = inference.load(workdir, name=name, checkpoint=FLAGS.checkpoint, batch_sizes=sizes)
-        except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+            sizes = [int(b) for b in FLAGS.batch_sizes] if FLAGS.batch_sizes else None
+            predictors[name] = exported.load_predictor(workdir, name=name, checkpoint=FLAGS.checkpoint,
+                                                       batch_sizes=sizes)
+        except errors as e:
             fail(f"--model={spec}: {e}")
         predictors[name].warmup()
         print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
@@ -282,15 +288,15 @@ def main(argv) -> None:
 def define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_multi_string("model", None, "NAME=WORKDIR of a trained run; repeat to serve several "
-                              "(the first is the default).", required=True)
-    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number, for every model.")
+    flags.DEFINE_multi_string("model", None, "NAME=WORKDIR of a trained run or an export folder; repeat to "
+                              "serve several (the first is the default).", required=True)
+    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number, for every run (an export holds one).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
     flags.DEFINE_integer("port", 8000, "Port to listen on.")
     flags.DEFINE_string("api_keys_file", None, f"File with one API key per line (default: ${KEYS_ENV}).")
     flags.DEFINE_integer("max_texts", 64, "Most texts in one request (more: 413).")
     flags.DEFINE_integer("max_chars", 10_000, "Most characters in one text (more: 413).")
-    flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default inference.BATCH_SIZES).")
+    flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default buckets.BATCH_SIZES).")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,172 @@
+"""Export folders: the run's predictions from JAX, NumPy and the tokenizer alone, for every token model kind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sentiment_jax import export, exported, inference, sweep, train
+
+from conftest import REPO, TINY_RUNS, tiny_flags
+
+# The token model kinds that conftest's shared runs do not cover, kept as small as they go.
+EXTRA_RUNS = {
+    "rnn": {"config": "configs/rnn.py", "labels": ["neg", "pos"],
+            "flags": {"model.embed_dim": 8, "model.hidden_sizes": "8,", "model.bidirectional": False,
+                      "model.pooling": "last", "train.epochs": 1}},
+    "fasttext": {"config": "configs/fasttext.py", "labels": ["neg", "pos"],
+                 "flags": {"model.embed_dim": 16, "data.tokenizer.buckets": 500, "model.bag_weights": "idf",
+                           "train.epochs": 1}},
+    "nb_linear": {"config": "configs/nb_linear.py", "labels": ["negative", "neutral", "positive"],
+                  "flags": {"data.tokenizer.buckets": 500, "train.epochs": 1}},
+}
+KINDS = [*TINY_RUNS, *EXTRA_RUNS]
+# Both length buckets of max_length 48 (32, 48), a text cut at max_length, an empty one; more than a batch.
+TEXTS = ["great good film", "awful, boring plot", "", "the movie was okay and the plot was fine " * 3,
+         "love love superb " * 40, "bad", "it", "hate the boring film and the awful plot", "x y z"]
+
+
+def train_in_process(root, name, run):
+    """A tiny run of a config file with tiny_flags' overrides, trained in this process (no start-up cost)."""
+    (root / f"{name}_data").mkdir(parents=True)
+    config, *overrides = tiny_flags(root / f"{name}_data", run)
+    cfg = sweep.load_python_file(config.removeprefix("--config="), "get_config")
+    for flag in overrides:
+        field, value = flag.removeprefix("--config.").split("=", 1)
+        sweep.set_field(cfg, field, sweep.parse_value(value), "the test")
+    train.train_and_evaluate(cfg, root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(trained_runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_runs")
+    return {**trained_runs, **{name: train_in_process(root, name, run) for name, run in EXTRA_RUNS.items()}}
+
+
+@pytest.fixture(scope="module")
+def folders(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export.export_run(workdir, root / name) for name, workdir in runs.items()}
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_an_export_predicts_what_its_run_predicts(runs, folders, name):
+    run = inference.load(runs[name], batch_sizes=(8,))
+    # Batch sizes the export never saw: the batch dimension is symbolic.
+    loaded = exported.load(folders[name], batch_sizes=(3, 5))
+    np.testing.assert_allclose(loaded.predict(TEXTS), run.predict(TEXTS), atol=1e-6)
+    assert loaded.label_names == run.label_names
+    assert loaded.lengths == run.lengths == (32, 48)
+    manifest = json.loads((folders[name] / exported.MANIFEST).read_text())
+    assert manifest["model"]["name"] == loaded.kind == run.config.model.name
+    assert manifest["metrics"] == json.loads((runs[name] / "result.json").read_text())
+    assert manifest["checkpoint_step"] == run.checkpoint_step
+
+
+def test_loading_an_export_imports_no_training_code(folders, tmp_path):
+    """From a copy of the folder alone; the training code, optax, Orbax and Flax stay unimported."""
+    folder = shutil.copytree(folders["transformer"], tmp_path / "moved")
+    script = (f"import json, sys\nfrom sentiment_jax import exported\n"
+              f"p = exported.load({str(folder)!r})\nprint(json.dumps(p.predict({TEXTS!r}).tolist()))\n"
+              "print(json.dumps(sorted(sys.modules)))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    path = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout first
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    probs, modules = map(json.loads, done.stdout.splitlines())
+    np.testing.assert_allclose(probs, exported.load(folders["transformer"]).predict(TEXTS), atol=1e-6)
+    heavy = [m for m in modules if m.split(".")[0] in ("optax", "orbax", "flax", "ml_collections", "absl")
+             or m in ("sentiment_jax.models", "sentiment_jax.train", "sentiment_jax.runs",
+                      "sentiment_jax.checkpoints", "sentiment_jax.inference", "sentiment_jax.verbalizer")]
+    assert heavy == []
+    assert "sentiment_jax.exported" in modules and "jax" in modules
+
+
+def cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "sentiment_jax.main", "--mode=predict", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_predict_cli_takes_an_export_folder(folders):
+    done = cli(f"--workdir={folders['gru']}", *TEXTS[:3])
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    labels = TINY_RUNS["gru"]["labels"]
+    assert [r["model"] for r in records] == ["gru"] * 3
+    got = [[r["probabilities"][n] for n in labels] for r in records]
+    np.testing.assert_allclose(got, exported.load(folders["gru"]).predict(TEXTS[:3]), atol=1e-6)
+
+
+def test_the_server_serves_an_export_beside_a_run(folders, predictors):
+    from fastapi.testclient import TestClient
+
+    from sentiment_jax import serve
+
+    served = {"lstm": exported.load(folders["lstm"], name="lstm", batch_sizes=(1, 8)), "gru": predictors["gru"]}
+    with TestClient(serve.create_app(served, ["k"])) as client:
+        models = client.get("/v1/models", headers={serve.KEY_HEADER: "k"}).json()["models"]
+        response = client.post("/v1/predict", json={"texts": TEXTS[:4], "model": "lstm"},
+                               headers={serve.KEY_HEADER: "k"})
+    assert response.status_code == 200, response.text
+    probs = [[p["probabilities"][n] for n in ("neg", "pos")] for p in response.json()["predictions"]]
+    np.testing.assert_allclose(probs, predictors["lstm"].predict(TEXTS[:4]), atol=1e-6)
+    lstm = models[0]
+    assert (lstm["type"], lstm["labels"], lstm["checkpoint_step"]) == ("lstm", ["neg", "pos"],
+                                                                      predictors["lstm"].checkpoint_step)
+    assert lstm["metrics"]["accuracy"] == json.loads((folders["lstm"] / exported.MANIFEST).read_text())[
+        "metrics"]["accuracy"]
+
+
+def damage(folder, what):
+    if what == "manifest":
+        (folder / exported.MANIFEST).write_text('{"format": ')
+    elif what == "program":
+        file = folder / exported.program_file(48)
+        file.write_bytes(file.read_bytes()[: 200])
+    elif what == "missing params":
+        (folder / exported.PARAMS).unlink()
+    elif what == "other params":  # another model's parameters
+        shutil.copy(folder.parent / "gru_src" / exported.PARAMS, folder / exported.PARAMS)
+
+
+@pytest.mark.parametrize("what, error", [
+    ("manifest", "manifest.json is not valid JSON; export the run again"),
+    ("program", "forward_48.jaxexport is not a readable jax.export program; export the run again"),
+    ("missing params", "params.safetensors not found; the export is incomplete"),
+    ("other params", "params.safetensors does not hold the parameters the program takes"),
+])
+def test_a_damaged_export_is_one_clear_error(folders, tmp_path, what, error):
+    shutil.copytree(folders["gru"], tmp_path / "gru_src")
+    folder = shutil.copytree(folders["lstm"], tmp_path / "lstm")
+    damage(folder, what)
+    with pytest.raises(exported.ExportError, match=error):
+        exported.load(folder)
+
+
+def test_the_cli_reports_a_damaged_or_missing_export_in_one_line(folders, tmp_path):
+    folder = shutil.copytree(folders["lstm"], tmp_path / "lstm")
+    damage(folder, "program")
+    done = cli(f"--workdir={folder}", "good")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {folder / exported.program_file(48)} is not a readable "
+                                                "jax.export program; export the run again"]
+    missing = tmp_path / "nothing"
+    done = subprocess.run([sys.executable, "-m", "sentiment_jax.export", f"--workdir={missing}",
+                           f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {missing / 'config.json'} not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_to_overwrite_a_folder_that_is_not_an_export(runs, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not an export folder"):
+        export.export_run(runs["lstm"], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
