@@ -34,20 +34,21 @@ def main(argv):
 
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from sentiment_jax import distributed, sharding, train
+    from sentiment_jax import distributed, sharding, steps
+    from sentiment_jax import state as state_lib
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cfg = FLAGS.config
     mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, FLAGS.vocab, 2, total_steps=1000)
-    step_fn = train.make_train_step(setup)
+    state, setup = state_lib.create_state(cfg, mesh, FLAGS.vocab, 2, total_steps=1000)
+    step_fn = steps.make_train_step(setup)
     rows = cfg.train.batch_size // jax.process_count()
     rng = np.random.default_rng(jax.process_index())
     batch = sharding.put_batch({
         "ids": rng.integers(2, FLAGS.vocab, (rows, FLAGS.length)).astype(np.int32),
         "mask": np.ones((rows, FLAGS.length), bool), "label": rng.integers(0, 2, rows).astype(np.int32),
         "weight": np.ones(rows, np.float32)}, setup.batch_sharding)
-    sums = train.zero_metrics(mesh)
+    sums = steps.zero_metrics(mesh)
     memory = step_fn.lower(state, batch, sums).compile().memory_analysis()
     for _ in range(2):
         state, sums = step_fn(state, batch, sums)

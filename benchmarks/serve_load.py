@@ -39,9 +39,9 @@ FLAGS = flags.FLAGS
 
 
 def test_texts(workdir: pathlib.Path, n: int) -> list[str]:
-    from sentiment_jax import data, train
+    from sentiment_jax import data, runs
 
-    texts = data.load_dataset(train.load_config(workdir).data).splits["test"].texts
+    texts = data.load_dataset(runs.load_config(workdir).data).splits["test"].texts
     return [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[:n]]
 
 

@@ -6,7 +6,7 @@ Speaks the serve protocol of ../shared/bench/peers/README.md, so it joins their 
       'jax uni=env PYTHONPATH=/path/to/repo /path/to/python -m sentiment_jax.bench_serve --model uni'
 
 Same arrays ($PEERS_HOME/imdb_10k_200.npz), shapes, batch 64 and Adam 1e-3 as the peers, built
-with `train.create_state` / `train.make_train_step`, and exact masking on: the mask is
+with `state.create_state` / `steps.make_train_step`, and exact masking on: the mask is
 `ids != 0`, so the front padding never reaches the LSTM state (the peers run it through).
 `--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
 peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentiment_jax import config_base, input_pipeline, sharding, train
+from sentiment_jax import config_base, input_pipeline, sharding, steps
+from sentiment_jax import state as state_lib
 
 VOCAB, BATCH = 10_000, 64
 
@@ -95,9 +96,9 @@ def main(argv=None) -> None:
     batches = input_pipeline.Batches(split, BATCH, padding="pre", shuffle=True, seed=0,
                                      bucket_width=args.bucket_width)
     mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, VOCAB, 2, total_steps=1)
-    train_step = train.make_train_step(setup)
-    sums = train.zero_metrics(mesh)
+    state, setup = state_lib.create_state(cfg, mesh, VOCAB, 2, total_steps=1)
+    train_step = steps.make_train_step(setup)
+    sums = steps.zero_metrics(mesh)
 
     def stream():
         epoch = 0
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
 
     info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": args.model, "batch": BATCH,
             "mode": "serve", "unroll": cfg.model.unroll, "dtype": args.dtype, "bucket_width": args.bucket_width,
-            "mflop_per_example": round(mflop, 1), "params": train.parameter_counts(state)["trainable_params"],
+            "mflop_per_example": round(mflop, 1), "params": state_lib.parameter_counts(state)["trainable_params"],
             "xla_gemm_gflops": xla_gemm_gflops(dtype=args.dtype), "ready": True}
     if args.steps:
         print(json.dumps(dict(info, **timed(args.steps))), flush=True)

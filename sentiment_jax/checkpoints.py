@@ -9,6 +9,7 @@ Restores take an abstract target carrying the *current* shardings, so a run save
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import jax
@@ -34,9 +35,23 @@ def manager(workdir: pathlib.Path, cfg, *, read_only: bool = False) -> ocp.Check
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, best_fn=lambda m: m[metric], best_mode="max",
         keep_checkpoints_without_metrics=True, read_only=read_only, create=not read_only,
-        enable_async_checkpointing=cfg.get("async_save", True))
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
-                                 item_names=ITEMS)
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=cfg.async_save)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(min(verbosity, logging.ERROR) if read_only else verbosity)  # "directory is read only"
+    try:
+        return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options, item_names=ITEMS)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def reader(workdir: pathlib.Path, cfg):
+    """A read-only manager, closed however the block ends (an open one prints asyncio errors at exit)."""
+    mngr = manager(workdir, cfg, read_only=True)
+    try:
+        yield mngr
+    finally:
+        mngr.close()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model, train, meta: dict,
@@ -103,6 +118,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, **targets) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint step {step} in {mngr.directory} is unreadable or does not match this model "
-            f"({type(e).__name__}: {first[:200]}); delete that step folder or pick another with "
-            "--checkpoint") from None
+            f"({type(e).__name__}: {first[:200]}); evaluate another step with --checkpoint "
+            f"(available: {sorted(mngr.all_steps())}), or train into a new workdir") from None
     return {name: restored[name] for name in targets}

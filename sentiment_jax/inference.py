@@ -1,20 +1,19 @@
 """Load a trained run and predict texts: the one inference path behind the CLI and the server.
 
-A run's workdir holds all it needs: config.json, the tokenizer, labels.json and checkpoints.
-Texts are padded into a few fixed (batch, length) buckets, so the jitted predict step
-compiles once per bucket (`warmup`) and never again, whatever the texts.
+A run's workdir holds all it needs (see runs.py); `runs.load` restores it. Texts are padded
+into a few fixed (batch, length) buckets, so the jitted predict step compiles once per bucket (`warmup`) and never again, whatever the texts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 import numpy as np
 
-from sentiment_jax import checkpoints, input_pipeline, sharding, tokenization, train
+from sentiment_jax import runs, sharding
 
 # Powers of two: merged requests waste at most half a batch on padding (with 1, 8, 32 a
 # group of 2 texts costs a batch of 8); the price is more compilations at start-up.
@@ -32,25 +31,37 @@ def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Predictor:
-    """A restored run: texts -> class probabilities."""
+    """A restored run (`runs.Run`): texts -> class probabilities, in fixed shape buckets."""
 
     name: str
-    workdir: pathlib.Path
-    config: ml_collections.ConfigDict
-    label_names: tuple[str, ...]
-    checkpoint_step: int
-    tokenizer: Any
+    run: runs.Run
     batch_sizes: tuple[int, ...]
     lengths: tuple[int, ...]
-    _predict_step: Any
-    _params: Any
-    _rest: Any
-    _batch_sharding: Any
+
+    @property
+    def workdir(self) -> pathlib.Path:
+        return self.run.workdir
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.run.cfg
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.run.label_names
+
+    @property
+    def checkpoint_step(self) -> int:
+        return self.run.step
+
+    @property
+    def _predict_step(self):
+        return self.run.predict_step
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Class probabilities [N, K], in the order of `texts`."""
-        seqs = self.tokenizer.encode(texts)
-        tokens = np.minimum([len(s) for s in seqs], self.config.data.max_length)
+        seqs = self.run.encoder.encode(texts)
+        tokens = np.minimum([len(s) for s in seqs], self.lengths[-1])
         widths = np.asarray(self.lengths)[np.searchsorted(self.lengths, tokens)]  # smallest bucket that fits
         out = np.zeros((len(seqs), len(self.label_names)), np.float32)
         largest = self.batch_sizes[-1]
@@ -64,18 +75,14 @@ class Predictor:
     def _run(self, seqs: list[np.ndarray], width: int) -> np.ndarray:
         """One call of the jitted step on the smallest batch bucket that holds `seqs`."""
         size = next(b for b in self.batch_sizes if b >= len(seqs))
-        d = self.config.data
-        ids, lengths = tokenization.pad(seqs, width, d.padding, d.truncation)
-        split = input_pipeline.Encoded(ids, lengths, np.zeros(len(seqs), np.int32))
-        batches = input_pipeline.Batches(split, size, padding=d.padding, shuffle=False)
-        batch = batches.batch(batches.order(0)[0])  # masks built exactly as in training and eval
-        arrays = sharding.put_batch({"ids": batch["ids"], "mask": batch["mask"]}, self._batch_sharding)
-        probs = self._predict_step(self._params, self._rest, arrays["ids"], arrays["mask"])
+        ids, mask = self.run.pad(seqs, width, rows=size)  # masks built exactly as in training and eval
+        arrays = sharding.put_batch({"ids": ids, "mask": mask}, self.run.batch_sharding)
+        probs = self.run.predict_step(self.run.params, self.run.rest, arrays["ids"], arrays["mask"])
         return np.asarray(probs)[:len(seqs)]
 
     def warmup(self) -> None:
         """Compiles every (batch, length) bucket now rather than on the first requests."""
-        empty = np.zeros(0, np.int32)
+        empty = np.zeros(0, np.float32 if self.run.encoder.kind == "backbone_features" else np.int32)
         for width in self.lengths:
             for size in self.batch_sizes:
                 self._run([empty] * size, width)
@@ -89,25 +96,10 @@ class Predictor:
 def load(workdir: str | pathlib.Path, *, name: str | None = None, checkpoint: str | int = "best",
          batch_sizes: Sequence[int] = BATCH_SIZES) -> Predictor:
     """Restores one checkpoint's parameters ('best', 'latest' or a step) onto the current devices."""
-    workdir = pathlib.Path(workdir)
-    cfg = train.load_config(workdir)
-    tokenizer = tokenization.load(workdir)
-    label_names = train.load_labels(workdir)
-    if not (workdir / "checkpoints").is_dir():
-        raise checkpoints.CheckpointError(f"no checkpoints in {workdir}; train first or fix the workdir")
-    mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, tokenizer.vocab_size, len(label_names), total_steps=1)
-    mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
-    try:
-        step = checkpoints.resolve_step(mngr, checkpoint)
-        model = checkpoints.restore(mngr, step, model=checkpoints.abstract(train.model_item(state)))["model"]
-    finally:
-        mngr.close()
+    run = runs.load(workdir, checkpoint)
     # Every batch bucket must split evenly over the data-parallel devices.
-    shards = int(np.prod([mesh.shape[a] for a in cfg.mesh.data_axes]))
+    shards = run.data_shards
     sizes = tuple(sorted({-(-b // shards) * shards for b in batch_sizes}))
-    predict_step = train.make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
-    return Predictor(name=name or workdir.name, workdir=workdir, config=cfg, label_names=label_names,
-                     checkpoint_step=int(step), tokenizer=tokenizer, batch_sizes=sizes,
-                     lengths=length_buckets(cfg.data.max_length), _predict_step=predict_step,
-                     _params=model["params"], _rest=model["rest"], _batch_sharding=setup.batch_sharding)
+    fixed = run.encoder.kind == "backbone_features"  # one feature vector per text: one width
+    lengths = (run.max_length,) if fixed else length_buckets(run.max_length)
+    return Predictor(name=name or run.workdir.name, run=run, batch_sizes=sizes, lengths=lengths)

@@ -39,16 +39,15 @@ def encode(split: data_lib.Split, tokenizer, cfg) -> Encoded:
     return Encoded(ids, lengths, split.labels)
 
 
-def _cache_key(cfg, dataset: data_lib.Dataset, workdir: pathlib.Path) -> str:
-    tok = (workdir / tokenization.TOKENIZER_FILE).read_bytes()
+def _cache_key(cfg, dataset: data_lib.Dataset, tokenizer) -> str:
     sizes = {s: len(v.texts) for s, v in dataset.splits.items()}
-    blob = json.dumps([cfg.to_dict(), sizes], sort_keys=True, default=str).encode() + tok
+    blob = json.dumps([cfg.to_dict(), sizes, tokenizer.fingerprint], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def encode_splits(dataset: data_lib.Dataset, tokenizer, cfg, workdir: pathlib.Path) -> dict[str, Encoded]:
     """Encodes every split once per (data config, tokenizer) and caches the arrays in the workdir."""
-    cache = workdir / f"encoded_{_cache_key(cfg, dataset, workdir)}.npz"
+    cache = workdir / f"encoded_{_cache_key(cfg, dataset, tokenizer)}.npz"
     if cache.is_file():
         with np.load(cache) as f:
             return {s: Encoded(f[f"{s}/ids"], f[f"{s}/lengths"], f[f"{s}/labels"])

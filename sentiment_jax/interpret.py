@@ -4,6 +4,8 @@
   dotted with the word's embedding e_t. Positive words pushed towards the prediction,
   negative ones against it. The gradient is taken with respect to a zero perturbation
   added to the embedding output, so repeated words get one score each.
+- Occlusion, for models on frozen-backbone features (no embedding to differentiate): per
+  word, log p(predicted class) of the text minus that of the text without the word.
 - Attention pooling weights (BiLSTM with `pooling=attention`): how much each word's
   state counts in the text vector.
 - Transformer attention: the per-layer, per-head maps, and their rollout (heads averaged,
@@ -24,12 +26,12 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from sentiment_jax import runs, train
+from sentiment_jax import losses, runs
 
 
-def tokens(run: runs.Restored, text: str) -> tuple[list[str], np.ndarray]:
+def tokens(run: runs.Run, text: str) -> tuple[list[str], np.ndarray]:
     """The words (or subword pieces) the model sees and their ids, truncated like the training data."""
-    tok, data = run.tokenizer, run.cfg.data
+    tok, data = run.encoder, run.cfg.data
     if hasattr(tok, "pieces"):  # n-gram features: words, character and word n-grams
         words = [piece for piece, _ in tok.pieces(text)]
     elif hasattr(tok, "split"):  # word tokenizer
@@ -64,7 +66,7 @@ def saliency(model: nnx.Module, ids: jax.Array, mask: jax.Array, target: int) ->
     def log_prob(delta):
         m = nnx.merge(graphdef, state)
         m.embed = _Shifted(m.embed, delta)
-        return jnp.log(train.probabilities(m(ids, mask, deterministic=True))[0, target])
+        return jnp.log(losses.probabilities(m(ids, mask, deterministic=True))[0, target])
 
     grad = jax.jit(jax.grad(log_prob))(jnp.zeros_like(embedded))
     return np.asarray(jnp.sum(grad * embedded, axis=-1)[0])
@@ -81,19 +83,34 @@ def rollout(maps: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def explain(run: runs.Restored, text: str) -> dict:
+def occlusion(run: runs.Run, text: str) -> dict:
+    """Prediction and, per whitespace word, how much removing it lowers log p(predicted class)."""
+    words = text.split()
+    if not words:
+        raise ValueError("the text has no words; give a longer text")
+    probs = run.predict([text] + [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))])
+    predicted = int(probs[0].argmax())
+    logp = np.log(np.maximum(probs[:, predicted], np.finfo(np.float32).tiny))
+    return {"words": words, "probabilities": probs[0], "predicted": predicted,
+            "label": run.label_names[predicted], "saliency": logp[0] - logp[1:]}
+
+
+def explain(run: runs.Run, text: str) -> dict:
     """Prediction, saliency and whatever attention the model has, for one text."""
+    model = run.model
+    if not hasattr(model, "embed"):
+        return occlusion(run, text)
     words, token_ids = tokens(run, text)
     ids = jnp.asarray(token_ids[None, :])
     mask = jnp.ones_like(ids, bool)
-    probs = np.asarray(nnx.jit(lambda m: train.probabilities(m(ids, mask, deterministic=True)))(run.model)[0])
+    probs = np.asarray(nnx.jit(lambda m: losses.probabilities(m(ids, mask, deterministic=True)))(model)[0])
     predicted = int(probs.argmax())
     out = {"words": words, "probabilities": probs, "predicted": predicted,
-           "label": run.label_names[predicted], "saliency": saliency(run.model, ids, mask, predicted)}
+           "label": run.label_names[predicted], "saliency": saliency(model, ids, mask, predicted)}
     weights = None
-    if hasattr(run.model, "attention_weights"):
+    if hasattr(model, "attention_weights"):
         try:
-            weights = nnx.jit(lambda m: m.attention_weights(ids, mask))(run.model)
+            weights = nnx.jit(lambda m: m.attention_weights(ids, mask))(model)
         except ValueError:  # e.g. an LSTM whose pooling is not attention
             weights = None
     if isinstance(weights, (list, tuple)):  # transformer: per layer [1, heads, T', T']
@@ -208,7 +225,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     try:
-        explanation = explain(runs.restore(FLAGS.workdir, FLAGS.checkpoint), FLAGS.text)
+        explanation = explain(runs.load(FLAGS.workdir, FLAGS.checkpoint), FLAGS.text)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -39,7 +39,7 @@ def main(argv):
         return predict_export(argv)
     import jax
 
-    from sentiment_jax import checkpoints, data, distributed, predict, sharding, train
+    from sentiment_jax import checkpoints, data, distributed, predict, runs, sharding, train
 
     if FLAGS.cpu_devices:
         sharding.use_cpu_devices(FLAGS.cpu_devices)
@@ -49,7 +49,7 @@ def main(argv):
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if jax.process_count() > 1:
             logging.warning("%s", distributed.describe())
-        cfg = FLAGS.config if FLAGS.config is not None else train.load_config(workdir)
+        cfg = FLAGS.config if FLAGS.config is not None else runs.load_config(workdir)
         if FLAGS.mode == "train":
             if FLAGS.config is None:
                 raise ValueError("--config is required to train")
@@ -58,8 +58,9 @@ def main(argv):
             texts = argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field)
             predict.predict(workdir, texts, checkpoint=FLAGS.checkpoint or cfg.eval.checkpoint)
         else:
-            train.evaluate(cfg, workdir, split=FLAGS.split or cfg.eval.split,
-                           which=FLAGS.checkpoint or cfg.eval.checkpoint)
+            # The run's own config; --config, if given, only places it on another mesh.
+            train.evaluate(workdir, split=FLAGS.split or cfg.eval.split, which=FLAGS.checkpoint or cfg.eval.checkpoint,
+                           mesh_config=FLAGS.config.mesh if FLAGS.config is not None else None)
     except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

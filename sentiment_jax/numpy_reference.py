@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from sentiment_jax import input_pipeline, runs, train
+from sentiment_jax import data as data_lib
+from sentiment_jax import input_pipeline, runs, steps, train
 
 
 def sigmoid(x):
@@ -117,18 +118,18 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def numpy_params(state: train.TrainState) -> dict:
+def numpy_params(params: nnx.State) -> dict:
     """A checkpoint's parameters as nested dicts of float64 arrays (list layers keyed 0, 1, ...)."""
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(state.params))
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(params))
 
 
 def compare(workdir: str | pathlib.Path, split: str = "test", which: str | int = "best",
             max_examples: int = 0) -> dict:
     """Predictions of the Flax model and of this file on one split, from the same checkpoint."""
     workdir = pathlib.Path(workdir)
-    run = runs.restore(workdir, which)
+    run = runs.load(workdir, which)
     cfg = run.cfg
-    dataset, _, encoded = train.prepare_data(cfg, workdir, fit_tokenizer=False)
+    encoded = train.encode_splits(cfg, data_lib.load_dataset(cfg.data), run.encoder, workdir)
     if split not in encoded:
         raise ValueError(f"unknown split '{split}'; choose one of {sorted(encoded)}")
     data = encoded[split]
@@ -138,12 +139,11 @@ def compare(workdir: str | pathlib.Path, split: str = "test", which: str | int =
     batches = train.make_batches(cfg, data, train=False)
 
     t0 = time.time()
-    predict = train.make_predict_step(run.setup, run.setup.state_sharding.params, run.setup.state_sharding.rest)
-    flax_probs = train.predict_probabilities(predict, run.state.params, run.state.rest, batches, run.setup)
+    flax_probs = steps.predict_probabilities(run.predict_step, run.params, run.rest, batches, run.batch_sharding)
     flax_seconds = time.time() - t0
 
     t0 = time.time()
-    params = numpy_params(run.state)
+    params = numpy_params(run.params)
     numpy_probs = np.zeros_like(flax_probs, np.float64)
     for indices in batches.order(0):  # the same batches (and bucket widths) the Flax model saw
         batch, real = batches.batch(indices), indices >= 0

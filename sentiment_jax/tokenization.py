@@ -1,14 +1,16 @@
-"""Text -> token ids. The tokenizer is saved in the workdir so eval and serving reuse it exactly.
+"""Text -> token ids. `runs.py` saves the tokenizer in the workdir so eval and serving reuse it exactly.
 
-Three kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_size`, `save`):
+Three kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_size`, `spec()`):
 a word-level vocabulary fitted on the training split only, the same words plus hashed
 character and word n-grams (fastText-style features, for the bag-of-embeddings model), and
-any Hugging Face `tokenizer.json` from a local folder.
+any Hugging Face `tokenizer.json` from a local folder. `spec()` is what the run's `encoder.json`
+holds; a Hugging Face tokenizer is saved beside it as a real `tokenizer.json`.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import pathlib
 import re
@@ -20,7 +22,7 @@ import numpy as np
 PAD_ID, UNK_ID = 0, 1
 _WORD = re.compile(r"[a-z0-9']+")
 _WORD_CASED = re.compile(r"[A-Za-z0-9']+")
-TOKENIZER_FILE = "tokenizer.json"
+HF_FILE = "tokenizer.json"  # Hugging Face's name for its own format
 
 
 class WordTokenizer:
@@ -57,9 +59,13 @@ class WordTokenizer:
         get = self._index.get
         return [np.fromiter((get(w, UNK_ID) for w in self.split(t)), np.int32) for t in texts]
 
-    def save(self, directory: pathlib.Path) -> None:
-        payload = {"kind": self.kind, "lowercase": self.lowercase, "words": self.words}
-        (directory / TOKENIZER_FILE).write_text(json.dumps(payload))
+    def spec(self) -> dict:
+        return {"kind": self.kind, "lowercase": self.lowercase, "words": self.words}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary, for caches of encoded data."""
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class NgramTokenizer(WordTokenizer):
@@ -113,10 +119,9 @@ class NgramTokenizer(WordTokenizer):
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray([i for _, i in self.pieces(t)], np.int32) for t in texts]
 
-    def save(self, directory: pathlib.Path) -> None:
-        payload = {"kind": self.kind, "lowercase": self.lowercase, "words": self.words,
-                   "char_ngrams": self.char_ngrams, "word_ngrams": self.word_ngrams, "buckets": self.buckets}
-        (directory / TOKENIZER_FILE).write_text(json.dumps(payload))
+    def spec(self) -> dict:
+        return {**super().spec(), "char_ngrams": list(self.char_ngrams), "word_ngrams": self.word_ngrams,
+                "buckets": self.buckets}
 
 
 class HFTokenizer:
@@ -134,7 +139,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         path = pathlib.Path(path).expanduser()
-        file = path / TOKENIZER_FILE if path.is_dir() else path
+        file = path / HF_FILE if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"{file}: no tokenizer.json; point --config.data.tokenizer.path "
                              "at a Hugging Face model folder")
@@ -148,9 +153,16 @@ class HFTokenizer:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         return [np.asarray(e.ids, np.int32) for e in encodings]
 
-    def save(self, directory: pathlib.Path) -> None:
-        self.tokenizer.save(str(directory / "hf_tokenizer.json"))
-        (directory / TOKENIZER_FILE).write_text(json.dumps({"kind": self.kind, "file": "hf_tokenizer.json"}))
+    def spec(self) -> dict:
+        return {"kind": self.kind, "file": HF_FILE}
+
+    def to_str(self) -> str:
+        """The Hugging Face `tokenizer.json` text (`Tokenizer.from_file` reads it back)."""
+        return self.tokenizer.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
 
 
 def build(cfg, train_texts: Sequence[str]):
@@ -167,21 +179,14 @@ def build(cfg, train_texts: Sequence[str]):
     raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word', 'ngrams' or 'huggingface'")
 
 
-def load(directory: str | pathlib.Path):
-    """Loads the tokenizer saved with a run."""
-    directory = pathlib.Path(directory)
-    file = directory / TOKENIZER_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found; is {directory} a sentiment_jax workdir?")
-    payload = json.loads(file.read_text())
-    if payload["kind"] == "word":
-        return WordTokenizer(payload["words"], payload["lowercase"])
-    if payload["kind"] == "ngrams":
-        return NgramTokenizer(payload["words"], payload["lowercase"], payload["char_ngrams"], payload["word_ngrams"],
-                              payload["buckets"])
-    from tokenizers import Tokenizer
-
-    return HFTokenizer(Tokenizer.from_file(str(directory / payload["file"])))
+def from_spec(spec: dict, directory: pathlib.Path):
+    """The tokenizer a run saved: its `spec()`, and for Hugging Face the file beside it in `directory`."""
+    if spec["kind"] == "word":
+        return WordTokenizer(spec["words"], spec["lowercase"])
+    if spec["kind"] == "ngrams":
+        return NgramTokenizer(spec["words"], spec["lowercase"], spec["char_ngrams"], spec["word_ngrams"],
+                              spec["buckets"])
+    return HFTokenizer.from_folder(directory / spec["file"])
 
 
 def inverse_document_frequency(sequences: Sequence[np.ndarray], vocab_size: int) -> np.ndarray:
@@ -224,7 +229,7 @@ def pad(sequences: Sequence[np.ndarray], max_length: int, padding: str = "pre",
     for name, side in (("padding", padding), ("truncation", truncation)):
         if side not in ("pre", "post"):
             raise ValueError(f"data.{name} must be 'pre' or 'post', got '{side}'")
-    ids = np.zeros((len(sequences), max_length), np.int32)
+    ids = np.zeros((len(sequences), max_length), sequences[0].dtype if len(sequences) else np.int32)
     lengths = np.zeros(len(sequences), np.int32)
     for i, seq in enumerate(sequences):
         seq = seq[-max_length:] if truncation == "pre" else seq[:max_length]

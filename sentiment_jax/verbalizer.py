@@ -5,8 +5,9 @@ pure function of the text. They are computed once per (backbone, template, max l
 windows, layers, split texts), cached on disk, and handed to `train.py` as an ordinary
 `input_pipeline.Encoded` split whose "ids" are feature vectors [N, H]. The trained model is
 just the head (`models/heads.py`), so the backbone is in no optimizer state, gets no
-gradients, and retraining the head takes seconds. The only hook is in `train.prepare_data`
-(`config.data.inputs = "backbone_features"`).
+gradients, and retraining the head takes seconds. `FeatureEncoder` is the run's input encoder
+(`config.data.inputs = "backbone_features"`): saved with the run like a tokenizer, it
+encodes new texts for eval, predict and serving exactly as the training splits were.
 
 Pooling is cheap next to the encoder, so one pass stores every pooling and switching
 `backbone.pooling` reuses the cache:
@@ -98,8 +99,9 @@ class Backbone:
     fingerprint: str  # identifies the weights, tokenizer and config for the feature cache
 
 
-def load_backbone(cfg) -> Backbone:
-    folder = resolve_folder(cfg.path)
+def load_backbone(cfg, folder: pathlib.Path | None = None) -> Backbone:
+    """The encoder and tokenizer of `backbone.path` (or of `folder`, where it was already found)."""
+    folder = folder or resolve_folder(cfg.path)
     encoder, config = encoders.load_encoder(folder, dtype=DTYPES[cfg.dtype])
     tokenizer = tokenization.HFTokenizer.from_folder(folder)
     digest = hashlib.sha256()
@@ -353,37 +355,79 @@ def split_features(cfg, backbone: Backbone, extractor, texts: Sequence[str], des
     return features
 
 
-@dataclasses.dataclass
-class FeatureInputs:
-    """Stands in for the tokenizer in `train.py`: the model's input width is the feature size."""
+class FeatureEncoder:
+    """Texts -> the frozen backbone's pooled features [H]: the input encoder of a verbalizer run.
 
-    vocab_size: int
+    It stands in for a tokenizer (`encode`, `vocab_size` = the feature width, `spec`), so the
+    train loop, eval, predict and serving treat a verbalizer run like any other. New texts go
+    through the same windows, template, extraction and pooling as the training splits did;
+    whole splits come from the feature cache (`encode_splits`).
+    """
 
+    kind = "backbone_features"
 
-def prepare_data(cfg, workdir: pathlib.Path):
-    """(dataset, FeatureInputs, {split: Encoded}) with features as ids, for the shared train loop."""
-    del workdir  # features are cached per recipe, shared across runs
-    if cfg.backbone.pooling not in POOLINGS + ("label_words",):
-        raise ValueError(f"unknown backbone.pooling '{cfg.backbone.pooling}'; choose one of {POOLINGS} or "
-                         "label_words")
-    if cfg.backbone.pooling == "label_words" and not cfg.backbone.label_words:
-        raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
-    if cfg.backbone.label_words and "{mask}" not in cfg.backbone.template:
-        raise ValueError("backbone.label_words are scored at a {mask} in backbone.template, which has none; "
-                         "e.g. --config.backbone.template=' All in all, it was {mask}.'")
-    if cfg.data.bucket_width:
-        raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
-    dataset = data_lib.load_dataset(cfg.data)
-    backbone = load_backbone(cfg.backbone)
-    extractor = functools.cache(lambda: Extractor(backbone, cfg.backbone.layers, sharding.make_mesh(cfg.mesh),
-                                                  cfg.mesh, cfg.backbone.label_words))
-    encoded = {}
-    for name, split in dataset.splits.items():
-        features = split_features(cfg, backbone, extractor, split.texts, f"features {name}")
-        x = features[cfg.backbone.pooling]
-        encoded[name] = input_pipeline.Encoded(x, np.full(len(x), x.shape[1], np.int32), split.labels)
-    return dataset, FeatureInputs(encoded["train"].ids.shape[1]), encoded
+    def __init__(self, cfg, backbone: Backbone, folder: pathlib.Path):
+        b = cfg.backbone
+        if b.pooling not in POOLINGS + ("label_words",):
+            raise ValueError(f"unknown backbone.pooling '{b.pooling}'; choose one of {POOLINGS} or label_words")
+        if b.pooling == "label_words" and not b.label_words:
+            raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
+        if b.label_words and "{mask}" not in b.template:
+            raise ValueError("backbone.label_words are scored at a {mask} in backbone.template, which has none; "
+                             "e.g. --config.backbone.template=' All in all, it was {mask}.'")
+        if cfg.data.bucket_width:
+            raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
+        self.cfg, self.backbone, self.folder = cfg, backbone, folder
+        self.vocab_size = len(b.label_words) if b.pooling == "label_words" else backbone.config["hidden_size"]
+        self.extractor = functools.cache(lambda: Extractor(backbone, b.layers, sharding.make_mesh(cfg.mesh),
+                                                           cfg.mesh, b.label_words))
 
+    @classmethod
+    def create(cls, cfg) -> "FeatureEncoder":
+        """The encoder of a new run, from `config.backbone`."""
+        folder = resolve_folder(cfg.backbone.path)
+        return cls(cfg, load_backbone(cfg.backbone, folder), folder)
+
+    @classmethod
+    def from_spec(cls, spec: dict, cfg) -> "FeatureEncoder":
+        """The encoder a run saved: the same backbone (checked by its fingerprint) and recipe."""
+        source = spec["backbone"]
+        path = source["path"]
+        if path != "minilm" and not pathlib.Path(path).expanduser().is_dir() and path.count("/") != 1:
+            raise encoders.BackboneError(f"the backbone folder {path} this run was trained on is missing; "
+                                         "put the model folder back there to load the run")
+        folder = resolve_folder(path)
+        backbone = load_backbone(cfg.backbone, folder)
+        if backbone.fingerprint != source["fingerprint"]:
+            raise encoders.BackboneError(f"the backbone in {folder} is not the one this run was trained on "
+                                         f"(fingerprint {backbone.fingerprint}, saved {source['fingerprint']}); "
+                                         "restore the original model folder")
+        return cls(cfg, backbone, folder)
+
+    def spec(self) -> dict:
+        b, d = self.cfg.backbone, self.cfg.data
+        return {"kind": self.kind, "width": self.vocab_size,
+                "backbone": {"path": b.path, "folder": str(self.folder), "fingerprint": self.backbone.fingerprint,
+                             "dtype": b.dtype},
+                "template": b.template, "pooling": b.pooling, "layers": list(b.layers), "windows": b.windows,
+                "label_words": list(b.label_words), "max_length": d.max_length, "truncation": d.truncation}
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """One float32 feature vector [H] per text, computed now (not cached)."""
+        b, d = self.cfg.backbone, self.cfg.data
+        rows, owner = encode_windows(self.backbone.tokenizer, texts, b.template, d.max_length, b.windows,
+                                     d.truncation)
+        per_row = self.extractor()(rows, b.batch_size, b.bucket_width)
+        return list(average_windows(per_row, owner, len(texts), [len(r) for r in rows])[b.pooling])
+
+    def encode_splits(self, dataset: data_lib.Dataset) -> dict[str, input_pipeline.Encoded]:
+        """Every split's features (from the cache, or extracted once and cached) as `Encoded` "ids"."""
+        encoded = {}
+        for name, split in dataset.splits.items():
+            features = split_features(self.cfg, self.backbone, self.extractor, split.texts, f"features {name}")
+            x = features[self.cfg.backbone.pooling]
+            encoded[name] = input_pipeline.Encoded(x, np.full(len(x), x.shape[1], np.int32), split.labels)
+        return encoded
 
 
 def zero_shot(cfg, split: str = "test") -> dict:
@@ -392,7 +436,8 @@ def zero_shot(cfg, split: str = "test") -> dict:
 
     cfg = cfg.copy_and_resolve_references()
     cfg.backbone.pooling = "label_words"
-    dataset, _, encoded = prepare_data(cfg, None)
+    dataset = data_lib.load_dataset(cfg.data)
+    encoded = FeatureEncoder.create(cfg).encode_splits(dataset)
     if len(cfg.backbone.label_words) != dataset.num_classes:
         raise ValueError(f"backbone.label_words has {len(cfg.backbone.label_words)} words for "
                          f"{dataset.num_classes} classes {dataset.label_names}; give one per class, in order")

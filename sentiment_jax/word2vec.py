@@ -134,12 +134,12 @@ def pretrained_embeddings(cfg, train_texts: Sequence[str], unlabeled_texts: Sequ
     Trained once per (config, tokenizer, texts) by process 0 and cached in the workdir, so a
     resumed run or another process reads the same table. Padding's row is zero.
     """
-    p = cfg.get("pretrain")
-    if p is None or p.embeddings == "none":
+    p = cfg.pretrain
+    if p.embeddings == "none":
         return None
     texts = list(train_texts) + list(unlabeled_texts)
     key = hashlib.sha256(json.dumps([p.to_dict(), cfg.model.embed_dim, cfg.seed], sort_keys=True).encode())
-    key.update((workdir / tokenization.TOKENIZER_FILE).read_bytes())
+    key.update(tokenizer.fingerprint.encode())
     key.update("\0".join(texts).encode())  # every text: a tenth of a second for IMDB
     file = workdir / EMBEDDINGS_FILE.format(key=key.hexdigest()[:16])
     if jax.process_index() == 0 and not file.is_file():

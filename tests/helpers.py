@@ -5,7 +5,9 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-from sentiment_jax import config_base
+from flax import nnx
+
+from sentiment_jax import config_base, runs
 
 POSITIVE = "great superb lovely fine wonderful moving".split()
 NEGATIVE = "awful boring dull poor terrible weak".split()
@@ -50,6 +52,12 @@ def tiny_config(files, **overrides):
             node = node[k]
         node[leaf] = value
     return cfg
+
+
+def fake_run(cfg, encoder, model, label_names=("neg", "pos")) -> runs.Run:
+    """An untrained model and its encoder, standing in for a run restored by runs.load."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return runs.Run(None, cfg, tuple(label_names), encoder, 0, graphdef, params, rest, None, None, None)
 
 
 def random_batches(n, vocab, batch=16, length=12, seed=0):

@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 
 from sentiment_jax import data as data_lib
-from sentiment_jax import tokenization, train
+from sentiment_jax import runs, tokenization, train
 from sentiment_jax.models import bag
-from helpers import padded, tiny_config
+from helpers import fake_run, padded, tiny_config
 from test_multiclass import write_split
 
 forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
@@ -59,8 +59,9 @@ def test_ngram_features_and_round_trip(tmp_path):
     assert [i for _, i in pieces] == want and [p for p, _ in pieces[:3]] == ["good", "<go", "goo"]
     assert pieces[-1][0] == "goodish film"
     assert all(4 <= i < tok.vocab_size for i in want if i > 3)
-    tok.save(tmp_path)
-    again = tokenization.load(tmp_path)
+    runs.save_encoder(tok, tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()  # not Hugging Face's file name: not its format
+    again = runs.load_encoder(tmp_path, None)
     assert again.encode(["good goodish film", "x"])[0].tolist() == want
     assert again.vocab_size == tok.vocab_size
     with pytest.raises(ValueError, match="char_ngrams"):
@@ -77,13 +78,13 @@ def test_three_class_training_with_ngram_features(tmp_path):
 
 
 def test_saliency_names_every_ngram_feature():
-    from sentiment_jax import config_base, interpret, models, runs
+    from sentiment_jax import config_base, interpret, models
 
     cfg = config_base.base_config()
     cfg.model.update({"name": "fasttext", "embed_dim": 8})
     tok = tokenization.NgramTokenizer(["superb", "film"], char_ngrams=(3, 4), buckets=40)
     model = models.build_model(cfg.model, tok.vocab_size, 2, nnx.Rngs(params=0))
-    explanation = interpret.explain(runs.Restored(cfg, tok, model, ["neg", "pos"], 0, None, None), "superb film")
+    explanation = interpret.explain(fake_run(cfg, tok, model), "superb film")
     assert explanation["words"] == [piece for piece, _ in tok.pieces("superb film")]
     assert len(explanation["saliency"]) == len(explanation["words"])
 
@@ -134,15 +135,19 @@ def test_bad_bag_options_fail_clearly():
 def train_and_restore(tmp_path, **overrides):
     """A 3-class n-gram run trained to macro-F1 > 0.9, restored from its checkpoint, and the fixed feature
     weights its training split should have given it (a restored model is built with ones)."""
-    from sentiment_jax import input_pipeline, runs
+    from sentiment_jax import input_pipeline
 
     files = {"train": write_split(tmp_path / "train.csv", 240, 0), "test": write_split(tmp_path / "test.csv", 90, 1)}
     cfg = tiny_config(files, **{"data.tokenizer.kind": "ngrams", "data.tokenizer.buckets": 500,
                                 "data.max_length": 256, "checkpoint.best_metric": "macro_f1", **overrides})
     assert train.train_and_evaluate(cfg, tmp_path / "run")["macro_f1"] > 0.9
-    restored = runs.restore(tmp_path / "run")
-    split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.tokenizer, cfg.data)
-    return files, restored, train.fixed_feature_weights(cfg, split, restored.tokenizer.vocab_size, 3)
+    restored = runs.load(tmp_path / "run")
+    split = input_pipeline.encode(data_lib.load_dataset(cfg.data).splits["train"], restored.encoder, cfg.data)
+    texts = [row[len(row) - n:] for row, n in zip(split.ids, split.lengths)]  # pre-padded
+    vocab = restored.encoder.vocab_size
+    if cfg.model.name == "fasttext":
+        return files, restored, tokenization.inverse_document_frequency(texts, vocab)
+    return files, restored, tokenization.log_count_ratios(texts, split.labels, vocab, 3)
 
 
 def test_idf_training_with_class_weights_saves_the_idf_in_the_checkpoint(tmp_path):
@@ -182,14 +187,14 @@ def test_nb_linear_matches_numpy_and_ignores_padding_and_repeats():
 def test_nb_linear_trains_and_restores_its_ratios(tmp_path):
     files, restored, want = train_and_restore(
         tmp_path, **{"model.name": "nb_linear", "train.epochs": 3, "train.learning_rate": 0.05})
-    assert want.shape == (restored.tokenizer.vocab_size, 3) and np.abs(want).max() > 1
+    assert want.shape == (restored.encoder.vocab_size, 3) and np.abs(want).max() > 1
     np.testing.assert_array_equal(np.asarray(restored.model.feature_weights[...]), want)
     # Saliency (gradient x input) of a linear model is exact: each feature's share of the target's log-probability.
     from sentiment_jax import interpret
 
     text = "w1 " + open(files["test"]).read().splitlines()[1].split(",")[1]  # a repeated word too
     explanation = interpret.explain(restored, text)
-    ids = np.asarray(restored.tokenizer.encode([text])[0])
+    ids = np.asarray(restored.encoder.encode([text])[0])
     scores = np.asarray(restored.model.feature_weights[...])[ids] * np.asarray(restored.model.kernel[...])[ids]
     tf = np.array([np.sum(ids == i) for i in ids])
     p, k = explanation["probabilities"], explanation["predicted"]
@@ -200,8 +205,6 @@ def test_refit_trains_on_validation_too_and_tests_the_last_epoch(tmp_path):
     """data.train_on_validation: tokenizer, NB ratios and training see train + validation; no validation
     figures; test reads the last checkpoint. The ratios are checked against a direct NumPy count."""
     import csv
-
-    from sentiment_jax import runs
 
     files = {s: write_split(tmp_path / f"{s}.csv", n, seed) for s, n, seed in
              (("train", 240, 0), ("validation", 60, 2), ("test", 90, 1))}
@@ -215,8 +218,8 @@ def test_refit_trains_on_validation_too_and_tests_the_last_epoch(tmp_path):
     assert len(epochs) == 3 and not any(k.startswith("val/") for e in epochs for k in e)
     assert result["checkpoint"] == "latest" and result["checkpoint_step"] == 3 * -(-301 // 16)  # 301 texts, batch 16
     assert result["macro_f1"] > 0.9
-    restored = runs.restore(tmp_path / "run")
-    assert "valonly" in restored.tokenizer.words  # a word seen only in validation is in the vocabulary
+    restored = runs.load(tmp_path / "run")
+    assert "valonly" in restored.encoder.words  # a word seen only in validation is in the vocabulary
 
     # NB log-count ratios by direct counting over the train and validation CSVs: p = 1 + texts of the class
     # containing the id, q = 1 + other texts containing it, r = ln(p / sum p) - ln(q / sum q), 0 for unseen ids.
@@ -225,9 +228,9 @@ def test_refit_trains_on_validation_too_and_tests_the_last_epoch(tmp_path):
         for row in csv.DictReader(open(files[split])):
             texts.append(row["text"])
             labels.append(["negative", "neutral", "positive"].index(row["label"]))
-    vocab = restored.tokenizer.vocab_size
+    vocab = restored.encoder.vocab_size
     presence = np.zeros((len(texts), vocab))
-    for i, ids in enumerate(restored.tokenizer.encode(texts)):
+    for i, ids in enumerate(restored.encoder.encode(texts)):
         presence[i, ids] = 1
     onehot = np.eye(3)[labels]
     in_class = presence.T @ onehot

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from sentiment_jax import config_base, data, input_pipeline, tokenization
+from sentiment_jax import config_base, data, input_pipeline, runs, tokenization
 
 
 def data_cfg(**kw):
@@ -215,8 +215,9 @@ def test_word_tokenizer_vocabulary_and_round_trip(tmp_path):
     assert tok.words == ["the", "film", "was"]  # 0 pad, 1 unk, then by frequency
     ids = tok.encode(["The film<br />was great!"])[0]
     assert ids.tolist() == [2, 3, 4, tokenization.UNK_ID]
-    tok.save(tmp_path)
-    assert tokenization.load(tmp_path).encode(["the film was great"])[0].tolist() == ids.tolist()
+    runs.save_encoder(tok, tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()  # not Hugging Face's file name: not its format
+    assert runs.load_encoder(tmp_path, None).encode(["the film was great"])[0].tolist() == ids.tolist()
 
 
 def test_pad_and_truncate_sides():
@@ -281,5 +282,7 @@ def test_huggingface_subword_tokenizer_from_a_folder(tmp_path):
     assert hf.encode(["good film good zzz"])[0].tolist() == [1, 2, 1, 0]
     run = tmp_path / "run"
     run.mkdir()
-    hf.save(run)
-    assert tokenization.load(run).encode(["film good"])[0].tolist() == [2, 1]
+    runs.save_encoder(hf, run)
+    assert runs.load_encoder(run, None).encode(["film good"])[0].tolist() == [2, 1]
+    saved = Tokenizer.from_file(str(run / "tokenizer.json"))  # a real `tokenizers` file
+    assert saved.encode("film good zzz").ids == [2, 1, 0]

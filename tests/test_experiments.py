@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_data, write_dataset
-from sentiment_jax import config_base, interpret, models, numpy_reference, runs, sweep, tokenization, train
+from helpers import fake_run, tiny_data, write_dataset
+from sentiment_jax import config_base, interpret, losses, models, numpy_reference, runs, sweep, tokenization, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_MODEL = {"model.embed_dim": 8, "model.hidden_sizes": (8,), "model.pooling": "mean", "train.epochs": 2,
@@ -117,13 +117,12 @@ def test_numpy_reference_agrees_with_a_trained_checkpoint(tiny_sweep):
     assert report["flax_accuracy"] == runs.read_result(tiny_sweep[1] / "lstm/seed_0")["accuracy"]
 
 
-def fake_run(model_fields: dict, words: list[str]) -> runs.Restored:
+def word_run(model_fields: dict, words: list[str]) -> runs.Run:
     """An untrained model with a word tokenizer, standing in for a restored run."""
     cfg = config_base.base_config()
     cfg.model.update({"embed_dim": 8, **model_fields})
     tokenizer = tokenization.WordTokenizer(words)
-    model = models.build_model(cfg.model, tokenizer.vocab_size, 2, nnx.Rngs(params=0))
-    return runs.Restored(cfg, tokenizer, model, ["neg", "pos"], 0, None, None)
+    return fake_run(cfg, tokenizer, models.build_model(cfg.model, tokenizer.vocab_size, 2, nnx.Rngs(params=0)))
 
 
 @pytest.mark.parametrize("model", [
@@ -136,7 +135,7 @@ def fake_run(model_fields: dict, words: list[str]) -> runs.Restored:
 ])
 def test_saliency_equals_the_gradient_through_the_embedding_table(model, tmp_path):
     text = "the plot was superb and a fine film"  # distinct words: one table row per position
-    run = fake_run(model, text.split())
+    run = word_run(model, text.split())
     explanation = interpret.explain(run, text)
     assert explanation["words"] == text.split()
     # Independent route: differentiate with respect to the embedding table itself.
@@ -146,7 +145,7 @@ def test_saliency_equals_the_gradient_through_the_embedding_table(model, tmp_pat
 
     def log_prob(p):
         logits = nnx.merge(graphdef, p, rest)(ids, mask)
-        return jnp.log(train.probabilities(logits)[0, explanation["predicted"]])
+        return jnp.log(losses.probabilities(logits)[0, explanation["predicted"]])
 
     table_grad = jax.jit(jax.grad(log_prob))(params)["embed"]["embedding"][...][ids[0]]
     table = run.model.embed.embedding[...][ids[0]]

@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from helpers import random_batches
-from sentiment_jax import checkpoints, config_base, models, sharding, tokenization, train
+from sentiment_jax import checkpoints, config_base, models, runs, sharding, train
+from sentiment_jax import state as state_lib
+from sentiment_jax import steps as train_steps_lib
 from test_train import REPO, step_losses, tiny_config, write_dataset
 
 # A constant learning rate makes a 1-epoch run a prefix of a 2-epoch one (resume tests).
@@ -34,10 +36,11 @@ def one_device_run(files, tmp_path_factory):
 def train_steps(cfg, steps=3, vocab=64):
     """Losses of a few train steps on fixed batches, and the final state."""
     mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, vocab, 2, total_steps=10)
-    step_fn, losses = train.make_train_step(setup), []
+    state, setup = state_lib.create_state(cfg, mesh, vocab, 2, total_steps=10)
+    step_fn, losses = train_steps_lib.make_train_step(setup), []
     for batch in random_batches(steps, vocab):
-        state, sums = step_fn(state, sharding.put_batch(batch, setup.batch_sharding), train.zero_metrics(mesh))
+        state, sums = step_fn(state, sharding.put_batch(batch, setup.batch_sharding),
+                              train_steps_lib.zero_metrics(mesh))
         losses.append(float(sums["loss_sum"] / sums["count"]))
     return losses, state
 
@@ -124,12 +127,9 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_parameters_and_optimizer_st
 
 def restored_model(cfg, workdir, step):
     """The `model` item of a checkpoint restored onto cfg's mesh, as host arrays."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    state, _ = train.create_state(cfg, mesh, tokenization.load(workdir).vocab_size, 2, total_steps=1)
-    mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
-    model = checkpoints.restore(mngr, step, model=checkpoints.abstract(train.model_item(state)))["model"]
-    mngr.close()
-    assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(model))
+    run = runs.load(workdir, step, mesh_config=cfg.mesh)
+    model = {"params": run.params, "rest": run.rest}
+    assert all(x.sharding.mesh.shape == sharding.make_mesh(cfg.mesh).shape for x in jax.tree.leaves(model))
     return jax.tree.map(np.asarray, model)
 
 
@@ -142,7 +142,7 @@ def assert_same_everywhere(files, workdir, result, meshes):
         if reference is None:
             reference = params
         jax.tree.map(np.testing.assert_array_equal, params, reference)
-        report = train.evaluate(cfg, workdir, which=step)
+        report = train.evaluate(workdir, which=step, mesh_config=cfg.mesh)
         assert (report["accuracy"], report["confusion_matrix"]) == (result["accuracy"], result["confusion_matrix"])
 
 
@@ -195,7 +195,7 @@ def test_two_processes_match_one_and_resume_on_one(files, one_device_run, tmp_pa
     result = train.train_and_evaluate(tiny_config(files, **COMMON, **{"mesh.num_devices": 1}), resumed)
     np.testing.assert_allclose([l for _, l in step_losses(resumed)], [l for _, l in reference], rtol=1e-5)
     assert result["accuracy"] == one_device_run[1]["accuracy"]
-    with pytest.raises(checkpoints.CheckpointError, match="global batch size 16"):
+    with pytest.raises(ValueError, match="train.batch_size is 16 there, 8 here"):
         train.train_and_evaluate(tiny_config(files, **COMMON, **{"train.batch_size": 8}), resumed)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import random_batches, tiny_config, write_dataset
-from sentiment_jax import checkpoints, config_base, input_pipeline, sharding, train
+from sentiment_jax import checkpoints, config_base, data, input_pipeline, losses, runs, sharding, state, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 def step_losses(workdir):
@@ -44,7 +44,7 @@ def ema_run(files, tmp_path_factory):
 def test_training_learns_and_writes_its_artifacts(reference_run):
     workdir, result = reference_run
     assert result["accuracy"] > 0.8, result
-    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "result.json"):
+    for name in ("config.json", "labels.json", "encoder.json", "metrics.jsonl", "result.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.*"))
     epochs = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
@@ -66,12 +66,24 @@ def test_eight_devices_give_the_same_losses_as_one(files, reference_run, tmp_pat
 def test_eval_only_equals_end_of_training_and_runs_on_another_device_count(files, reference_run):
     workdir, result = reference_run
     for n in (1, 8):  # saved on 1 device, restored on 1 and on 8
-        report = train.evaluate(tiny_config(files, **{"mesh.num_devices": n}), workdir, which="best")
+        report = train.evaluate(workdir, which="best", mesh_config=tiny_config(files, **{"mesh.num_devices": n}).mesh)
         assert report["accuracy"] == result["accuracy"]
         assert report["confusion_matrix"] == result["confusion_matrix"]
-    old = tiny_config(files, **{"mesh.num_devices": 1})  # a run saved before train.ema_decay existed
-    del old.train["ema_decay"]
-    assert train.evaluate(old, workdir, which="best")["accuracy"] == result["accuracy"]
+
+
+def test_a_saved_config_without_a_later_field_loads_with_its_default(reference_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reference_run[0], old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["train"]["ema_decay"], saved["model"]["bag_norm"]  # a run saved before these fields existed
+    saved["train"]["retired_field"] = 1  # and one with a field since removed
+    (old / "config.json").write_text(json.dumps(saved))
+    cfg = runs.load_config(old)
+    assert cfg.train.ema_decay == 0.0 and cfg.model.bag_norm == "l1" and "retired_field" not in cfg.train
+    assert cfg.model.hidden_sizes == (8,) and cfg.data.max_length == 16  # saved values kept, lists as tuples
+    assert train.evaluate(old, which="best")["accuracy"] == reference_run[1]["accuracy"]
 
 
 class Crash(Exception):
@@ -97,6 +109,11 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, refe
         train.train_and_evaluate(cfg, tmp_path)
     monkeypatch.setattr(input_pipeline.Batches, "batch", real_batch)
     result = train.train_and_evaluate(cfg, tmp_path)
+    # Steps 10-12 were logged before the crash and again after the resume from step 9: kept once.
+    logged = [r["step"] for r in runs.read_metrics(tmp_path) if "train/running_loss" in r]
+    assert logged == [s for s, _ in step_losses(reference_run[0])] == list(range(1, 33))
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path, "epoch")] == [1, 2, 3, 4]
+    assert len(runs.read_metrics(tmp_path, "test")) == len(runs.read_metrics(tmp_path, "params")) == 1
     assert result["accuracy"] == reference_run[1]["accuracy"]
     assert result["confusion_matrix"] == reference_run[1]["confusion_matrix"]
     # The resumed steps retrace the uninterrupted run's losses exactly.
@@ -111,22 +128,22 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(files, refe
     assert epochs[-1]["val/loss"] == pytest.approx(ref_epochs[-1]["val/loss"], rel=1e-6)
 
 
-def ema_steps(files, decay, steps=4):
+def ema_steps(files, decay, n=4):
     """Host copies of (params, ema) after each of a few train steps, params split over 8 devices (fsdp)."""
     cfg = config_base.set_layout(tiny_config(files, **{"train.ema_decay": decay}), "fsdp")
     mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = train.create_state(cfg, mesh, 64, 2, total_steps=10)
-    step_fn, history = train.make_train_step(setup, ema_decay=decay), []
-    for batch in random_batches(steps, 64):
-        state, _ = step_fn(state, sharding.put_batch(batch, setup.batch_sharding), train.zero_metrics(mesh))
-        history.append(jax.device_get((state.params, state.ema)))
-    return history, state
+    trained, setup = state.create_state(cfg, mesh, 64, 2, total_steps=10)
+    step_fn, history = steps.make_train_step(setup, ema_decay=decay), []
+    for batch in random_batches(n, 64):
+        trained, _ = step_fn(trained, sharding.put_batch(batch, setup.batch_sharding), steps.zero_metrics(mesh))
+        history.append(jax.device_get((trained.params, trained.ema)))
+    return history, trained
 
 
 def test_ema_is_the_debiased_moving_average_of_the_params_sharded_like_them(files):
     """Hand-computed in float64: after step t, step s's params have weight d^(t-s) / sum of the weights."""
     decay = 0.8
-    history, state = ema_steps(files, decay)
+    history, last = ema_steps(files, decay)
     for t in range(1, len(history) + 1):
         weights = decay ** np.arange(t - 1, -1, -1, dtype=np.float64)
         raw = [jax.tree.leaves(params) for params, _ in history[:t]]
@@ -134,19 +151,19 @@ def test_ema_is_the_debiased_moving_average_of_the_params_sharded_like_them(file
                     for i in range(len(raw[0]))]
         for e, x in zip(expected, jax.tree.leaves(history[t - 1][1])):
             np.testing.assert_allclose(x, e, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
-    shardings = [x.sharding for x in jax.tree.leaves(state.params)]
-    assert [x.sharding for x in jax.tree.leaves(state.ema)] == shardings
-    assert any(s.shard_shape(x.shape) != x.shape for s, x in zip(shardings, jax.tree.leaves(state.params)))
+    shardings = [x.sharding for x in jax.tree.leaves(last.params)]
+    assert [x.sharding for x in jax.tree.leaves(last.ema)] == shardings
+    assert any(s.shard_shape(x.shape) != x.shape for s, x in zip(shardings, jax.tree.leaves(last.params)))
 
 
 def test_ema_off_adds_nothing_and_on_does_not_change_training(files):
     """decay 0: no average in the state, so the step is the one from before the option; the average
     only watches: the params it trains are bit for bit those of a run without it."""
-    off, state = ema_steps(files, 0.0)
+    off, last = ema_steps(files, 0.0)
     on, _ = ema_steps(files, 0.8)
-    assert state.ema is None and all(ema is None for _, ema in off)
-    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves((state.step, state.params, state.rest,
-                                                                state.opt_state, state.rng)))
+    assert last.ema is None and all(ema is None for _, ema in off)
+    assert len(jax.tree.leaves(last)) == len(jax.tree.leaves((last.step, last.params, last.rest,
+                                                               last.opt_state, last.rng)))
     for (params_off, _), (params_on, _) in zip(off, on):
         for a, b in zip(jax.tree.leaves(params_off), jax.tree.leaves(params_on)):
             np.testing.assert_array_equal(a, b)
@@ -156,27 +173,24 @@ def test_validation_checkpoints_and_eval_use_the_average(files, ema_run):
     workdir, result = ema_run
     cfg = tiny_config(files, **EMA)
     last = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l][-1]
-    report = train.evaluate(cfg, workdir, split="validation", which="latest")
+    report = train.evaluate(workdir, split="validation", which="latest")
     assert report["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
     # The raw params, kept for resuming only, give another validation loss.
-    dataset, tokenizer, encoded = train.prepare_data(cfg, workdir, fit_tokenizer=False)
-    state, setup = train.create_state(cfg, sharding.make_mesh(cfg.mesh), tokenizer.vocab_size, 2, total_steps=1)
-    mngr = checkpoints.manager(workdir, cfg.checkpoint, read_only=True)
-    saved = checkpoints.restore(mngr, mngr.latest_step(), model=checkpoints.abstract(train.model_item(state)),
-                                train=checkpoints.abstract(train.train_item(state)))
-    mngr.close()
-    predict = train.make_predict_step(setup, setup.state_sharding.params, setup.state_sharding.rest)
-    raw = train.evaluate_split(cfg, setup, predict, saved["train"]["params"], saved["model"]["rest"],
-                               encoded["validation"], dataset.label_names)
+    run = runs.load(workdir, "latest")
+    encoded = train.encode_splits(cfg, data.load_dataset(cfg.data), run.encoder, workdir)
+    initial, _ = state.create_state(cfg, run.mesh, run.encoder.vocab_size, 2, total_steps=1)
+    with checkpoints.reader(workdir, cfg.checkpoint) as mngr:
+        saved = checkpoints.restore(mngr, run.step, train=checkpoints.abstract(state.train_item(initial)))
+    raw = train.evaluate_split(cfg, run.predict_step, saved["train"]["params"], run.rest, encoded["validation"],
+                               run.label_names, run.batch_sharding)
     assert abs(raw["loss"] - report["loss"]) > 1e-4
 
 
 def test_checkpoint_errors_are_one_line(files, reference_run, tmp_path):
-    cfg = tiny_config(files, **{"mesh.num_devices": 1})
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoints"):
-        train.evaluate(cfg, tmp_path)
+        train.evaluate(tmp_path)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint for step 12345"):
-        train.evaluate(cfg, reference_run[0], which=12345)
+        train.evaluate(reference_run[0], which=12345)
     # Corrupt the newest checkpoint's model arrays in a copy of the run.
     import shutil
 
@@ -186,8 +200,9 @@ def test_checkpoint_errors_are_one_line(files, reference_run, tmp_path):
     for f in (latest / "model").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint step {latest.name} .* unreadable"):
-        train.evaluate(cfg, copy, which="latest")
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint step {latest.name} .* unreadable") as info:
+        train.evaluate(copy, which="latest")
+    assert "delete" not in str(info.value)
 
 
 def test_resuming_with_the_average_switched_is_a_named_error(files, ema_run, tmp_path):
@@ -195,7 +210,7 @@ def test_resuming_with_the_average_switched_is_a_named_error(files, ema_run, tmp
 
     shutil.copytree(ema_run[0], tmp_path / "run")
     cfg = tiny_config(files, **{**EMA, "train.ema_decay": 0.0, "train.epochs": 5})
-    with pytest.raises(checkpoints.CheckpointError, match=r"train.ema_decay=0.9, this run has 0.0"):
+    with pytest.raises(ValueError, match=r"train.ema_decay is 0.9 there, 0.0 here"):
         train.train_and_evaluate(cfg, tmp_path / "run")
 
 
@@ -220,6 +235,34 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
     assert report["accuracy"] == result["accuracy"]
     assert "macro-F1" in evaluated.stdout and "confusion" in evaluated.stdout
 
+    # A resume with a changed field fails in one line naming it, and writes nothing.
+    before = snapshot(tmp_path)
+    changed = run_cli(*[a for a in common if "hidden_sizes" not in a], "--config.model.hidden_sizes=16,",
+                      "--config.train.learning_rate=0.5")
+    assert changed.returncode == 2
+    lines = changed.stderr.strip().splitlines()
+    assert len(lines) == 1, changed.stderr
+    assert "model.hidden_sizes is [8] there, [16] here" in lines[0] and "train.learning_rate is" in lines[0]
+    assert "delete" not in lines[0]
+    assert snapshot(tmp_path) == before
+    again = run_cli(f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=latest")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "eval_test_latest.json").read_text())["accuracy"] == result["accuracy"]
+
+    # A corrupt checkpoint is one line too, with no library output after it.
+    for f in (tmp_path / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "model" in f.parts:
+            f.write_bytes(b"garbage")
+    for args in (["--mode=eval", "--checkpoint=latest"], common[1:]):  # eval, and a resume from it
+        broken = run_cli(f"--workdir={tmp_path}", *args)
+        assert broken.returncode == 2
+        lines = broken.stderr.strip().splitlines()
+        assert len(lines) == 1 and "unreadable" in lines[0] and "delete" not in lines[0], broken.stderr
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
 
 @pytest.mark.parametrize("args,message", [
     (["--config.model.hiden=3"], "unknown config field 'hiden'"),
@@ -239,9 +282,9 @@ def test_cli_config_mistakes_are_one_line_errors(tmp_path, args, message):
 
 def test_balanced_class_weights_by_hand():
     cfg = config_base.base_config()
-    assert train.class_weights(cfg, np.array([0, 1]), 2) is None
+    assert losses.class_weights(cfg, np.array([0, 1]), 2) is None
     cfg.train.class_weights = "balanced"
     # 6 labels, 3 classes with 3 / 1 / 2 examples: n / (K n_c) = 6/9, 6/3, 6/6.
-    np.testing.assert_allclose(train.class_weights(cfg, np.array([0, 0, 0, 1, 2, 2]), 3), [2 / 3, 2, 1], rtol=1e-6)
+    np.testing.assert_allclose(losses.class_weights(cfg, np.array([0, 0, 0, 1, 2, 2]), 3), [2 / 3, 2, 1], rtol=1e-6)
     with pytest.raises(ValueError, match="no training examples"):
-        train.class_weights(cfg, np.array([0, 0]), 3)
+        losses.class_weights(cfg, np.array([0, 0]), 3)

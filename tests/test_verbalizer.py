@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from sentiment_jax import sharding, train, verbalizer
+from sentiment_jax import data, losses, sharding, train, verbalizer
 from sentiment_jax.config_base import base_config
 from sentiment_jax.models import encoders, heads
 
@@ -180,7 +180,7 @@ def test_confidence_penalty_is_bce_minus_mean_distance_from_half():
     logits, labels = jnp.asarray([[2.0], [-1.0], [0.5]]), jnp.asarray([1, 1, 0])
     bce = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32)).mean()
     p = jax.nn.sigmoid(logits[:, 0])
-    np.testing.assert_allclose(train.per_example_loss(logits, labels, 0.3).mean(),
+    np.testing.assert_allclose(losses.per_example_loss(logits, labels, 0.3).mean(),
                                bce - 0.3 * jnp.abs(p - 0.5).mean(), rtol=1e-6)
 
 
@@ -209,9 +209,10 @@ def test_train_path_trains_only_the_head_and_reuses_the_feature_cache(folder, tm
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
     monkeypatch.setattr(verbalizer, "Extractor", no_extraction)
-    assert train.evaluate(cfg, tmp_path / "run1", split="test")["accuracy"] == result["accuracy"]
+    assert train.evaluate(tmp_path / "run1", split="test")["accuracy"] == result["accuracy"]
     cfg.backbone.pooling = "mean"  # every pooling is cached by the same pass
-    _, inputs, encoded = train.prepare_data(cfg, tmp_path / "run1", fit_tokenizer=False)
+    inputs = verbalizer.FeatureEncoder.create(cfg)
+    encoded = inputs.encode_splits(data.load_dataset(cfg.data))
     assert inputs.vocab_size == 16 and encoded["train"].ids.shape == (48, 16)
     report = verbalizer.zero_shot(cfg)
     assert report["num_examples"] == 16 and 0.0 <= report["accuracy"] <= 1.0

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config, write_dataset
 
-from sentiment_jax import tokenization, train, word2vec
+from sentiment_jax import runs, state, train, word2vec
+from sentiment_jax.models.from_data import TrainingData
 
 
 def brute_force_pairs(sequences, window):
@@ -76,17 +77,19 @@ def test_a_run_starts_from_the_cached_vectors(tmp_path):
     train.train_and_evaluate(cfg, workdir)
     (cached,) = workdir.glob("word2vec_*.npy")
     table = np.load(cached)
-    assert table.shape == (tokenization.load(workdir).vocab_size, cfg.model.embed_dim) and np.all(table[0] == 0)
+    assert table.shape == (runs.load_encoder(workdir, cfg).vocab_size, cfg.model.embed_dim) and np.all(table[0] == 0)
     # The model's table starts as the vectors rescaled to the random initialisation's spread.
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
     size = table.shape[0]
-    random_start, _ = train.create_state(cfg, mesh, size, 2, total_steps=1)
-    state, _ = train.create_state(cfg, mesh, size, 2, total_steps=1, embeddings=table)
-    start = np.asarray(state.params["embed"]["embedding"][...])
+    data = lambda embeddings: TrainingData(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                           "pre", size, 2, 2, embeddings)
+    random_start, _ = state.create_state(cfg, mesh, size, 2, total_steps=1, data=data(None))
+    started, _ = state.create_state(cfg, mesh, size, 2, total_steps=1, data=data(table))
+    start = np.asarray(started.params["embed"]["embedding"][...])
     scale = np.asarray(random_start.params["embed"]["embedding"][...]).std() / table.std()
     np.testing.assert_allclose(start, table * scale, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"pretrained embeddings \(\d+, 4\) do not fit"):
-        train.create_state(cfg, mesh, size, 2, total_steps=1, embeddings=table[:, :4])
+        state.create_state(cfg, mesh, size, 2, total_steps=1, data=data(table[:, :4]))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -26,7 +26,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _recurrent(cell: str) -> Callable:
     def build(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
-        backend = cfg.get("lstm_backend", "scan")
+        backend = cfg.lstm_backend
         if backend == "cudnn" and cell == "lstm" and not recurrent.cudnn_available():
             # The same config runs everywhere; the scan computes the same function.
             logging.warning("model.lstm_backend 'cudnn' needs a CUDA GPU; using the scan on %s", jax.default_backend())
@@ -36,8 +36,8 @@ def _recurrent(cell: str) -> Callable:
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),
             bidirectional=cfg.bidirectional if isinstance(cfg.bidirectional, bool) else tuple(cfg.bidirectional),
             pooling=cfg.pooling, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
-            word_dropout=cfg.get("word_dropout", 0.0), head_sizes=tuple(cfg.head_sizes),
-            attention_dim=cfg.get("attention_dim", 64), unroll=cfg.unroll, backend=backend,
+            word_dropout=cfg.word_dropout, head_sizes=tuple(cfg.head_sizes),
+            attention_dim=cfg.attention_dim, unroll=cfg.unroll, backend=backend,
             dtype=DTYPES[cfg.dtype], rngs=rngs)
     return build
 
@@ -56,8 +56,8 @@ def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.
 def _bag(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     return bag.BagOfEmbeddings(vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim,
                                head_sizes=tuple(cfg.head_sizes), dropout=cfg.dropout,
-                               embed_dropout=cfg.embed_dropout, weights=cfg.get("bag_weights", "uniform"),
-                               norm=cfg.get("bag_norm", "l1"), sublinear_tf=cfg.get("sublinear_tf", False),
+                               embed_dropout=cfg.embed_dropout, weights=cfg.bag_weights,
+                               norm=cfg.bag_norm, sublinear_tf=cfg.sublinear_tf,
                                rngs=rngs)
 
 
@@ -83,6 +83,6 @@ MODELS: dict[str, Callable] = {
 def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model '{cfg.name}'; choose one of {sorted(MODELS)}")
-    if cfg.get("dtype", "float32") not in DTYPES:
+    if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype '{cfg.dtype}'; choose one of {sorted(DTYPES)}")
     return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sentiment_jax import tokenization
+from sentiment_jax.models.from_data import TrainingData, start_embeddings
 from sentiment_jax.models.pooling import masked_pool
 
 
@@ -75,7 +77,7 @@ class BagOfEmbeddings(nnx.Module):
         if feature_weights is not None and np.shape(feature_weights) != (vocab_size,):
             raise ValueError(f"feature_weights must have shape ({vocab_size},), got {np.shape(feature_weights)}")
         self.weights, self.norm, self.sublinear_tf = weights, norm, bool(sublinear_tf)
-        if weights == "idf":  # None: ones, until train.create_state or a checkpoint fills them
+        if weights == "idf":  # None: ones, until `from_data` or a checkpoint fills them
             self.feature_weights = FeatureWeights(
                 jnp.ones(vocab_size, jnp.float32) if feature_weights is None
                 else jnp.asarray(feature_weights, jnp.float32), out_sharding=("vocab",))
@@ -91,6 +93,14 @@ class BagOfEmbeddings(nnx.Module):
         self.out = dense(width, num_outputs, ("features", "classes"))
         self.feature_dropout = _dropout_rate(embed_dropout)
         self.dropout = nnx.Dropout(dropout)
+
+
+    def from_data(self, data: TrainingData) -> None:
+        """IDF of the training texts as encoded (`weights="idf"`), and pretrained vectors when the run has them."""
+        if self.weights == "idf":
+            self.feature_weights[...] = jnp.asarray(
+                tokenization.inverse_document_frequency(data.sequences(), data.vocab_size))
+        start_embeddings(self.embed, data.embeddings)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -131,6 +141,12 @@ class NBLinear(nnx.Module):
             rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros(num_outputs, jnp.float32))
         self.feature_dropout = _dropout_rate(feature_dropout)
+
+
+    def from_data(self, data: TrainingData) -> None:
+        """The NB log-count ratios of the training texts as encoded; one sigmoid output scores the last class."""
+        ratios = tokenization.log_count_ratios(data.sequences(), data.labels, data.vocab_size, data.num_classes)
+        self.feature_weights[...] = jnp.asarray(ratios[:, -data.num_outputs:])
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sentiment_jax import sharding
+from sentiment_jax.models.from_data import TrainingData, start_embeddings
 from sentiment_jax.models.pooling import AttentionPool, masked_pool
 
 Carry = tuple[jax.Array, ...]
@@ -413,6 +414,11 @@ class RecurrentClassifier(nnx.Module):
         if self.attention is None:
             raise ValueError(f"attention_weights needs model.pooling 'attention', not '{self.pooling}'")
         return self.attention.weights(self.encode(ids, mask)[1], mask)
+
+
+    def from_data(self, data: TrainingData) -> None:
+        """Starts the token table from pretrained vectors when the run has them."""
+        start_embeddings(self.embed, data.embeddings)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sentiment_jax.models.from_data import TrainingData, start_embeddings
 from sentiment_jax.models.pooling import masked_pool, masked_softmax
 
 POSITIONS = ("sinusoidal", "learned")
@@ -116,6 +117,11 @@ class TransformerClassifier(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.out = nnx.Linear(embed_dim, num_outputs, rngs=rngs, kernel_init=nnx.with_partitioning(
             nnx.initializers.lecun_normal(), ("embed", "classes")))
+
+
+    def from_data(self, data: TrainingData) -> None:
+        """Starts the token table from pretrained vectors when the run has them."""
+        start_embeddings(self.embed, data.embeddings)
 
     def encode(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
