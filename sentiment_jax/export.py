@@ -24,19 +24,19 @@ import pathlib
 import platform
 import shutil
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from safetensors.numpy import save_file
 
-from sentiment_jax import exported, inference, runs, train
+from sentiment_jax import buckets, exported, runs, steps
 
 LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "safetensors", "tokenizers")
 
 
-def flat_weights(state) -> tuple[dict[str, np.ndarray], callable]:
+def flat_weights(state) -> tuple[dict[str, np.ndarray], Callable]:
     """A pytree of arrays as {"a/b/c": array} (what safetensors and the program's signature hold) and its inverse."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
@@ -61,20 +61,23 @@ def _installed(lib: str) -> bool:
 def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
                platforms: Sequence[str] | None = None) -> pathlib.Path:
     """Writes the export folder of one checkpoint of a run; returns its path."""
-    workdir, output = pathlib.Path(workdir), pathlib.Path(output)
+    return export(runs.load(workdir, checkpoint), output, platforms=platforms)
+
+
+def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str] | None = None) -> pathlib.Path:
+    """Writes the export folder of a restored run; returns its path."""
+    output = pathlib.Path(output)
     if output.exists() and not exported.is_export(output) and any(output.iterdir()):
         raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
-    run = runs.restore(workdir, checkpoint)
-    weights, unflatten = flat_weights({"params": run.state.params, "rest": run.state.rest})
-    graphdef = run.setup.graphdef
+    weights, unflatten = flat_weights({"params": run.params, "rest": run.rest})
+    forward = steps.forward_fn(run.graphdef)  # no mesh: the programs run on one device
 
-    def forward(weights, ids, mask):
+    def program(weights, ids, mask):
         state = unflatten(weights)
-        model = nnx.merge(graphdef, state["params"], state["rest"])
-        return train.probabilities(model(ids, mask, deterministic=True))
+        return forward(state["params"], state["rest"], ids, mask)
 
     d = run.cfg.data
-    lengths = inference.length_buckets(d.max_length)
+    lengths = buckets.length_buckets(d.max_length)
     batch = jax.export.symbolic_shape("batch")[0]
     specs = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in weights.items()}
     platforms = tuple(platforms or (jax.default_backend(),))
@@ -82,21 +85,20 @@ def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, check
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for length in lengths:
-        program = jax.export.export(jax.jit(forward), platforms=platforms)(
-            specs, jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_))
-        (tmp / exported.program_file(length)).write_bytes(program.serialize())
-    from safetensors.numpy import save_file
-
+        ids, mask = (jax.ShapeDtypeStruct((batch, length), t) for t in (jnp.int32, jnp.bool_))
+        serialized = jax.export.export(jax.jit(program), platforms=platforms)(specs, ids, mask).serialize()
+        (tmp / exported.program_file(length)).write_bytes(serialized)
     save_file(weights, tmp / exported.PARAMS)
-    run.tokenizer.save(tmp)
-    (tmp / exported.LABELS).write_text(json.dumps(list(run.label_names)))
+    runs.save_encoder(run.encoder, tmp)
+    runs.save_labels(run.label_names, tmp)
     manifest = {
         "format": exported.FORMAT, "version": exported.VERSION,
         "model": run.cfg.model.to_dict(), "labels": list(run.label_names), "checkpoint_step": run.step,
-        "source_run": workdir.name, "metrics": runs.read_result(workdir),
+        "source_run": run.workdir.name, "metrics": runs.read_result(run.workdir),
         "inputs": {"ids": {"shape": ["batch", "length"], "dtype": "int32"},
-                   "mask": {"shape": ["batch", "length"], "dtype": "bool"}, "lengths": list(lengths), "batch_sizes": list(inference.BATCH_SIZES),
-                   "max_length": d.max_length, "padding": d.padding, "truncation": d.truncation},
+                   "mask": {"shape": ["batch", "length"], "dtype": "bool"}, "lengths": list(lengths),
+                   "batch_sizes": list(buckets.BATCH_SIZES), "max_length": d.max_length, "padding": d.padding,
+                   "truncation": d.truncation},
         "outputs": {"probabilities": {"shape": ["batch", len(run.label_names)], "dtype": "float32"}},
         "platforms": list(platforms), "versions": versions(),
     }

@@ -21,7 +21,7 @@ from sentiment_jax import buckets, input_pipeline, tokenization
 
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
-LABELS = "labels.json"
+ENCODER = "encoder.json"  # the tokenizer, as a run keeps it (runs.ENCODER_FILE)
 FORMAT = "sentiment_jax.export"
 VERSION = 1
 
@@ -45,7 +45,6 @@ class ExportedPredictor:
     def __init__(self, folder: pathlib.Path, manifest: dict, tokenizer, programs: dict[int, jax.export.Exported],
                  weights: dict[str, jax.Array], name: str, batch_sizes: Sequence[int]):
         self.folder, self.manifest, self.tokenizer, self.name = folder, manifest, tokenizer, name
-        self.workdir = folder
         self.kind = manifest["model"]["name"]
         self.label_names = tuple(manifest["labels"])
         self.checkpoint_step = int(manifest["checkpoint_step"])
@@ -91,10 +90,15 @@ def read_manifest(folder: pathlib.Path) -> dict:
     return manifest
 
 
-def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
-    file = folder / program_file(length)
+def _file(folder: pathlib.Path, name: str) -> pathlib.Path:
+    file = folder / name
     if not file.is_file():
         raise ExportError(f"{file} not found; the export is incomplete, export the run again")
+    return file
+
+
+def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
+    file = _file(folder, program_file(length))
     try:
         program = jax.export.deserialize(bytearray(file.read_bytes()))
     except ImportError:  # a missing dependency (flatbuffers), not a damaged file
@@ -112,9 +116,7 @@ def _weights(folder: pathlib.Path, program: jax.export.Exported) -> dict[str, ja
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    file = folder / PARAMS
-    if not file.is_file():
-        raise ExportError(f"{file} not found; the export is incomplete, export the run again")
+    file = _file(folder, PARAMS)
     try:
         arrays = load_file(file)
     except (SafetensorError, OSError):
@@ -135,7 +137,7 @@ def load(folder: str | pathlib.Path, *, name: str | None = None,
     folder = pathlib.Path(folder)
     manifest = read_manifest(folder)
     try:
-        tokenizer = tokenization.load(folder)
+        tokenizer = tokenization.from_spec(json.loads(_file(folder, ENCODER).read_text()), folder)
         programs = {int(length): _program(folder, int(length)) for length in manifest["inputs"]["lengths"]}
         weights = _weights(folder, programs[max(programs)])
         return ExportedPredictor(folder, manifest, tokenizer, programs, weights, name or folder.name,

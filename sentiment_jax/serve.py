@@ -163,22 +163,19 @@ def read_keys(file: str | None) -> list[str]:
     return keys
 
 
-def run_metrics(workdir: pathlib.Path) -> dict | None:
-    """The scalar entries of a run's result.json (test accuracy, macro-F1, ...)."""
-    file = workdir / "result.json"
-    if not file.is_file():
-        return None
-    return {k: v for k, v in json.loads(file.read_text()).items() if isinstance(v, (int, float, str))}
+def scalar_metrics(report: dict | None) -> dict | None:
+    """The scalar entries of a test report (accuracy, macro-F1, ...)."""
+    return None if report is None else {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 
 
 def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, max_chars: int = 10_000) -> FastAPI:
-    """The API over already loaded (and warmed-up) `inference.Predictor`s, first one the default."""
+    """The API over already loaded (and warmed-up) predictors of runs or exports, the first one the default."""
     keys = [k.encode() for k in api_keys]
     batchers = {name: Batcher(p.predict, max_rows=max(p.batch_sizes[-1], max_texts))
                 for name, p in predictors.items()}
     models = ModelList(models=[
-        ModelInfo(name=name, type=p.config.model.name, labels=list(p.label_names),
-                  checkpoint_step=p.checkpoint_step, metrics=run_metrics(p.workdir))
+        ModelInfo(name=name, type=p.kind, labels=list(p.label_names), checkpoint_step=p.checkpoint_step,
+                  metrics=scalar_metrics(p.metrics))
         for name, p in predictors.items()])
     default = next(iter(predictors))
 
