@@ -64,11 +64,9 @@ def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, check
     return export(runs.load(workdir, checkpoint), output, platforms=platforms)
 
 
-def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str] | None = None) -> pathlib.Path:
-    """Writes the export folder of a restored run; returns its path."""
-    output = pathlib.Path(output)
-    if output.exists() and not exported.is_export(output) and any(output.iterdir()):
-        raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
+def token_program(run: runs.Run):
+    """A token model's (program(weights, ids, mask), weights, input spec, tokenizer, ids dims between
+    batch and length): ids and mask [batch, length]."""
     weights, unflatten = flat_weights({"params": run.params, "rest": run.rest})
     forward = steps.forward_fn(run.graphdef)  # no mesh: the programs run on one device
 
@@ -77,7 +75,40 @@ def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str
         return forward(state["params"], state["rest"], ids, mask)
 
     d = run.cfg.data
-    lengths = buckets.length_buckets(d.max_length)
+    return program, weights, {"kind": "tokens", "padding": d.padding, "truncation": d.truncation}, run.encoder, ()
+
+
+def backbone_program(run: runs.Run):
+    """The same for a verbalizer run: backbone, pooling, the average over windows and the head in one
+    program, on ids and mask [batch, windows, length] (`exported.WindowInputs`)."""
+    extractor, b, d = run.encoder.extractor(), run.cfg.backbone, run.cfg.data
+    weights, unflatten = flat_weights({"backbone": extractor.state, "params": run.params, "rest": run.rest})
+    forward = steps.forward_fn(run.graphdef)
+
+    def program(weights, ids, mask):
+        state = unflatten(weights)
+        batch, windows, length = ids.shape
+        pooled = extractor.pure_features(state["backbone"], ids.reshape(-1, length),
+                                         mask.reshape(-1, length))[b.pooling]
+        size = mask.sum(-1).astype(jnp.float32)  # a window weighs its length, as in verbalizer.average_windows
+        pooled = jnp.where(size.reshape(-1, 1) > 0, pooled, 0.0).reshape(batch, windows, -1)  # no NaN of empties
+        total = size.sum(1, keepdims=True)
+        features = (pooled * size[..., None]).sum(1) / jnp.maximum(total, 1e-12)
+        return forward(state["params"], state["rest"], features, jnp.broadcast_to(total > 0, features.shape))
+
+    spec = {"kind": "windows", "template": b.template, "windows": b.windows, "max_length": d.max_length,
+            "truncation": d.truncation}
+    return program, weights, spec, run.encoder.backbone.tokenizer, (b.windows,)
+
+
+def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str] | None = None) -> pathlib.Path:
+    """Writes the export folder of a restored run; returns its path."""
+    output = pathlib.Path(output)
+    if output.exists() and not exported.is_export(output) and any(output.iterdir()):
+        raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
+    make = backbone_program if run.encoder.kind == "backbone_features" else token_program
+    program, weights, spec, tokenizer, between = make(run)
+    lengths = buckets.length_buckets(run.cfg.data.max_length)
     batch = jax.export.symbolic_shape("batch")[0]
     specs = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in weights.items()}
     platforms = tuple(platforms or (jax.default_backend(),))
@@ -85,23 +116,24 @@ def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for length in lengths:
-        ids, mask = (jax.ShapeDtypeStruct((batch, length), t) for t in (jnp.int32, jnp.bool_))
+        ids, mask = (jax.ShapeDtypeStruct((batch, *between, length), t) for t in (jnp.int32, jnp.bool_))
         serialized = jax.export.export(jax.jit(program), platforms=platforms)(specs, ids, mask).serialize()
         (tmp / exported.program_file(length)).write_bytes(serialized)
     save_file(weights, tmp / exported.PARAMS)
-    runs.save_encoder(run.encoder, tmp)
+    runs.save_encoder(tokenizer, tmp)
     runs.save_labels(run.label_names, tmp)
+    shape = ["batch", *between, "length"]
     manifest = {
         "format": exported.FORMAT, "version": exported.VERSION,
         "model": run.cfg.model.to_dict(), "labels": list(run.label_names), "checkpoint_step": run.step,
         "source_run": run.workdir.name, "metrics": runs.read_result(run.workdir),
-        "inputs": {"ids": {"shape": ["batch", "length"], "dtype": "int32"},
-                   "mask": {"shape": ["batch", "length"], "dtype": "bool"}, "lengths": list(lengths),
-                   "batch_sizes": list(buckets.BATCH_SIZES), "max_length": d.max_length, "padding": d.padding,
-                   "truncation": d.truncation},
+        "inputs": {**spec, "ids": {"shape": shape, "dtype": "int32"}, "mask": {"shape": shape, "dtype": "bool"},
+                   "lengths": list(lengths), "batch_sizes": list(buckets.BATCH_SIZES)},
         "outputs": {"probabilities": {"shape": ["batch", len(run.label_names)], "dtype": "float32"}},
         "platforms": list(platforms), "versions": versions(),
     }
+    if run.encoder.kind == "backbone_features":
+        manifest["backbone"] = {k: v for k, v in run.encoder.spec().items() if k != "kind"}
     (tmp / exported.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)

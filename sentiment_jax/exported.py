@@ -39,17 +39,65 @@ def program_file(length: int) -> str:
     return f"forward_{length}.jaxexport"
 
 
+class TokenInputs:
+    """A token model's inputs: ids and mask [batch, length], padded and truncated as in training."""
+
+    empty = np.zeros(0, np.int32)
+
+    def __init__(self, tokenizer, spec: dict):
+        self.tokenizer, self.padding, self.truncation = tokenizer, spec["padding"], spec["truncation"]
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[int]]:
+        """Per text its ids, and their number (what picks the length bucket)."""
+        seqs = self.tokenizer.encode(texts)
+        return seqs, [len(s) for s in seqs]
+
+    def pad(self, seqs: list[np.ndarray], width: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        return input_pipeline.pad_batch(seqs, width, rows, padding=self.padding, truncation=self.truncation)
+
+
+class WindowInputs:
+    """A frozen backbone's inputs: ids and mask [batch, windows, length], per text its windows of word
+    pieces each followed by the template (`tokenization.encode_windows`), padded after the ids as the
+    feature extraction pads them. The program pools each window and averages them, as training did."""
+
+    empty = ()  # a text without windows: rows of padding
+
+    def __init__(self, tokenizer, spec: dict):
+        self.tokenizer, self.template, self.windows = tokenizer, spec["template"], spec["windows"]
+        self.max_length, self.truncation = spec["max_length"], spec["truncation"]
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[list[np.ndarray]], list[int]]:
+        """Per text its windows, and the longest one's length (what picks the length bucket)."""
+        rows, owner = tokenization.encode_windows(self.tokenizer, texts, self.template, self.max_length,
+                                                  self.windows, self.truncation)
+        per_text = [[] for _ in texts]
+        for row, i in zip(rows, owner):
+            per_text[i].append(row)
+        return per_text, [max(len(r) for r in windows) for windows in per_text]
+
+    def pad(self, texts: list[list[np.ndarray]], width: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        none = np.zeros(0, np.int32)
+        flat = [w for windows in texts for w in [*windows, *[none] * (self.windows - len(windows))]]
+        flat += [none] * ((rows - len(texts)) * self.windows)
+        ids, mask = input_pipeline.pad_batch(flat, width, len(flat), padding="post", truncation="post")
+        shape = (rows, self.windows, width)
+        return ids.reshape(shape), mask.reshape(shape)
+
+
+INPUTS = {"tokens": TokenInputs, "windows": WindowInputs}
+
+
 class ExportedPredictor:
     """An export folder loaded onto the default device: texts -> class probabilities."""
 
-    def __init__(self, folder: pathlib.Path, manifest: dict, tokenizer, programs: dict[int, jax.export.Exported],
+    def __init__(self, folder: pathlib.Path, manifest: dict, inputs, programs: dict[int, jax.export.Exported],
                  weights: dict[str, jax.Array], name: str, batch_sizes: Sequence[int]):
-        self.folder, self.manifest, self.tokenizer, self.name = folder, manifest, tokenizer, name
+        self.folder, self.manifest, self.inputs, self.name = folder, manifest, inputs, name
         self.kind = manifest["model"]["name"]
         self.label_names = tuple(manifest["labels"])
         self.checkpoint_step = int(manifest["checkpoint_step"])
         self.metrics = manifest.get("metrics")
-        self.inputs = manifest["inputs"]
         self.lengths = tuple(sorted(programs))
         self.batch_sizes = tuple(sorted(batch_sizes))
         self._programs = {length: jax.jit(p.call) for length, p in programs.items()}
@@ -57,18 +105,16 @@ class ExportedPredictor:
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Class probabilities [N, K], in the order of `texts`."""
-        seqs = self.tokenizer.encode(texts)
-        return buckets.predict(seqs, [len(s) for s in seqs], self.lengths, self.batch_sizes, len(self.label_names),
-                               self._run)
+        inputs, sizes = self.inputs.encode(texts)
+        return buckets.predict(inputs, sizes, self.lengths, self.batch_sizes, len(self.label_names), self._run)
 
-    def _run(self, seqs: list[np.ndarray], width: int, rows: int) -> np.ndarray:
-        ids, mask = input_pipeline.pad_batch(seqs, width, rows, padding=self.inputs["padding"],
-                                             truncation=self.inputs["truncation"])
-        return np.asarray(self._programs[width](self._weights, ids, mask))[:len(seqs)]
+    def _run(self, inputs: list, width: int, rows: int) -> np.ndarray:
+        ids, mask = self.inputs.pad(inputs, width, rows)
+        return np.asarray(self._programs[width](self._weights, ids, mask))[:len(inputs)]
 
     def warmup(self) -> None:
         """Compiles every (batch, length) bucket now rather than on the first requests."""
-        buckets.warmup(self.lengths, self.batch_sizes, self._run, np.zeros(0, np.int32))
+        buckets.warmup(self.lengths, self.batch_sizes, self._run, self.inputs.empty)
 
     def records(self, probs: np.ndarray) -> list[dict]:
         return buckets.records(self.label_names, probs)
@@ -137,11 +183,13 @@ def load(folder: str | pathlib.Path, *, name: str | None = None,
     folder = pathlib.Path(folder)
     manifest = read_manifest(folder)
     try:
+        spec = manifest["inputs"]
         tokenizer = tokenization.from_spec(json.loads(_file(folder, ENCODER).read_text()), folder)
-        programs = {int(length): _program(folder, int(length)) for length in manifest["inputs"]["lengths"]}
+        inputs = INPUTS[spec["kind"]](tokenizer, spec)
+        programs = {int(length): _program(folder, int(length)) for length in spec["lengths"]}
         weights = _weights(folder, programs[max(programs)])
-        return ExportedPredictor(folder, manifest, tokenizer, programs, weights, name or folder.name,
-                                 batch_sizes or manifest["inputs"]["batch_sizes"])
+        return ExportedPredictor(folder, manifest, inputs, programs, weights, name or folder.name,
+                                 batch_sizes or spec["batch_sizes"])
     except (KeyError, TypeError) as e:
         raise ExportError(f"{folder / MANIFEST} lacks or garbles {e}; export the run again") from None
 

@@ -11,7 +11,7 @@ import pytest
 
 from sentiment_jax import export, exported, inference, sweep, train
 
-from conftest import REPO, TINY_RUNS, tiny_flags
+from conftest import REPO, TINY_RUNS, tiny_flags, write_split
 
 # The token model kinds that conftest's shared runs do not cover, kept as small as they go.
 EXTRA_RUNS = {
@@ -71,19 +71,59 @@ def test_an_export_predicts_what_its_run_predicts(loaded_runs, folders, name):
     assert manifest["checkpoint_step"] == loaded.checkpoint_step == run.checkpoint_step
 
 
-def test_loading_an_export_imports_no_training_code(folders, tmp_path):
-    """From a copy of the folder alone; the training code, optax, Orbax and Flax stay unimported."""
-    folder = shutil.copytree(folders["transformer"], tmp_path / "moved")
+@pytest.fixture(scope="module")
+def verbalizer_run(tmp_path_factory):
+    """A tiny verbalizer run (a random 2-layer BERT, two windows per text, a BatchNorm head), loaded."""
+    from test_verbalizer import _cfg, _tiny_bert
+
+    root = tmp_path_factory.mktemp("verbalizer")
+    cfg = _cfg(_tiny_bert(root / "bert"), root)
+    for split, n, seed in (("train", 48, 0), ("validation", 16, 1), ("test", 16, 2)):
+        write_split(root / f"{split}.csv", ["neg", "pos"], n, seed)
+        cfg.data[f"{split}_file"] = str(root / f"{split}.csv")
+    cfg.data.update(name="csv", inputs="backbone_features", bucket_width=0, max_length=40)
+    cfg.model.update(name="feature_mlp", head_sizes=(8,), dropout=0.0)
+    cfg.train.update(epochs=1, batch_size=16, eval_batch_size=16)
+    cfg.backbone.update(windows=2, pooling="layers_mean")
+    cfg.checkpoint.async_save = False
+    train.train_and_evaluate(cfg, root / "run")
+    return inference.load(root / "run", name="verbalizer", batch_sizes=(8,))
+
+
+@pytest.fixture(scope="module")
+def verbalizer_folder(verbalizer_run, tmp_path_factory):
+    return export.export(verbalizer_run.run, tmp_path_factory.mktemp("exports") / "verbalizer")
+
+
+def test_a_verbalizer_export_runs_backbone_and_head_as_one_program(verbalizer_run, verbalizer_folder):
+    loaded = exported.load(verbalizer_folder, batch_sizes=(3, 5))
+    long = "good great film " * 20  # beyond two windows
+    texts = [*TEXTS, long, "bad " * 9]  # one window, two, more than two: cut
+    np.testing.assert_allclose(loaded.predict(texts), verbalizer_run.predict(texts), atol=1e-6)
+    assert loaded.lengths == (32, 40) and loaded.kind == "feature_mlp"
+    programs = sorted(p.name for p in verbalizer_folder.glob("*.jaxexport"))
+    assert programs == [exported.program_file(32), exported.program_file(40)]  # one per bucket, nothing else
+    from safetensors.numpy import load_file
+
+    names = load_file(verbalizer_folder / exported.PARAMS)
+    assert any(n.startswith("backbone/") for n in names) and any(n.startswith("params/") for n in names)
+
+
+def test_loading_an_export_imports_no_training_code(folders, verbalizer_folder, tmp_path):
+    """From copies of the folders alone; the training code, optax, Orbax and Flax stay unimported."""
+    moved = [shutil.copytree(f, tmp_path / f.name) for f in (folders["transformer"], verbalizer_folder)]
     script = (f"import json, sys\nfrom sentiment_jax import exported\n"
-              f"p = exported.load({str(folder)!r})\nprint(json.dumps(p.predict({TEXTS!r}).tolist()))\n"
+              f"for folder in {[str(f) for f in moved]!r}:\n"
+              f"    print(json.dumps(exported.load(folder).predict({TEXTS!r}).tolist()))\n"
               "print(json.dumps(sorted(sys.modules)))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     path = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout first
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": path},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    probs, modules = map(json.loads, done.stdout.splitlines())
-    np.testing.assert_allclose(probs, exported.load(folders["transformer"]).predict(TEXTS), atol=1e-6)
+    *probs, modules = map(json.loads, done.stdout.splitlines())
+    for got, folder in zip(probs, (folders["transformer"], verbalizer_folder)):
+        np.testing.assert_allclose(got, exported.load(folder).predict(TEXTS), atol=1e-6)
     heavy = [m for m in modules if m.split(".")[0] in ("optax", "orbax", "flax", "ml_collections", "absl")
              or m in ("sentiment_jax.models", "sentiment_jax.train", "sentiment_jax.runs",
                       "sentiment_jax.checkpoints", "sentiment_jax.inference", "sentiment_jax.verbalizer")]
