@@ -1,4 +1,4 @@
-"""Export folders: the run's predictions from JAX, NumPy and the tokenizer alone, for every token model kind."""
+"""Export folders: a run's predictions from JAX, NumPy and the tokenizer alone, through the CLI and the server."""
 
 import json
 import os
@@ -6,69 +6,38 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from sentiment_jax import export, exported, inference, sweep, train
+from sentiment_jax import export, exported, inference, train
 
-from conftest import REPO, TINY_RUNS, tiny_flags, write_split
+from conftest import REPO, TINY_RUNS, write_split
 
-# The token model kinds that conftest's shared runs do not cover, kept as small as they go.
-EXTRA_RUNS = {
-    "rnn": {"config": "configs/rnn.py", "labels": ["neg", "pos"],
-            "flags": {"model.embed_dim": 8, "model.hidden_sizes": "8,", "model.bidirectional": False,
-                      "model.pooling": "last", "train.epochs": 1}},
-    "fasttext": {"config": "configs/fasttext.py", "labels": ["neg", "pos"],
-                 "flags": {"model.embed_dim": 16, "data.tokenizer.buckets": 500, "model.bag_weights": "idf",
-                           "train.epochs": 1}},
-    "nb_linear": {"config": "configs/nb_linear.py", "labels": ["negative", "neutral", "positive"],
-                  "flags": {"data.tokenizer.buckets": 500, "train.epochs": 1}},
-}
-KINDS = [*TINY_RUNS, *EXTRA_RUNS]
 # Both length buckets of max_length 48 (32, 48), a text cut at max_length, an empty one; more than a batch.
 TEXTS = ["great good film", "awful, boring plot", "", "the movie was okay and the plot was fine " * 3,
          "love love superb " * 40, "bad", "it", "hate the boring film and the awful plot", "x y z"]
 
 
-def train_in_process(root, name, run):
-    """A tiny run of a config file with tiny_flags' overrides, trained in this process (no start-up cost)."""
-    (root / f"{name}_data").mkdir(parents=True)
-    config, *overrides = tiny_flags(root / f"{name}_data", run)
-    cfg = sweep.load_python_file(config.removeprefix("--config="), "get_config")
-    for flag in overrides:
-        field, value = flag.removeprefix("--config.").split("=", 1)
-        sweep.set_field(cfg, field, sweep.parse_value(value), "the test")
-    train.train_and_evaluate(cfg, root / name)
-    return root / name
-
-
 @pytest.fixture(scope="module")
-def loaded_runs(predictors, tmp_path_factory):
-    """Every token model kind as a loaded run: conftest's shared ones and tiny ones of the other kinds."""
-    root = tmp_path_factory.mktemp("export_runs")
-    extra = {name: inference.load(train_in_process(root, name, run), name=name, batch_sizes=(8, 16))
-             for name, run in EXTRA_RUNS.items()}
-    return {**predictors, **extra}
-
-
-@pytest.fixture(scope="module")
-def folders(loaded_runs, tmp_path_factory):
+def folders(predictors, tmp_path_factory):
+    """conftest's shared tiny runs, exported (every model kind is exported in test_run_artifact.py)."""
     root = tmp_path_factory.mktemp("exports")
-    return {name: export.export(p.run, root / name) for name, p in loaded_runs.items()}
+    return {name: export.export(p.run, root / name) for name, p in predictors.items()}
 
 
-@pytest.mark.parametrize("name", KINDS)
-def test_an_export_predicts_what_its_run_predicts(loaded_runs, folders, name):
-    run = loaded_runs[name]
-    # Batch sizes the export never saw: the batch dimension is symbolic.
-    loaded = exported.load(folders[name], batch_sizes=(3, 5))
+def test_an_export_holds_the_runs_predictions_metrics_and_shapes(predictors, folders):
+    run = predictors["gru"]
+    loaded = exported.load(folders["gru"], batch_sizes=(3, 5))  # sizes never exported: the batch is symbolic
     np.testing.assert_allclose(loaded.predict(TEXTS), run.predict(TEXTS), atol=1e-6)
-    assert loaded.label_names == run.label_names
+    assert (loaded.label_names, loaded.kind, loaded.checkpoint_step) == (run.label_names, "gru", run.checkpoint_step)
     assert loaded.lengths == run.lengths == (32, 48)
-    manifest = json.loads((folders[name] / exported.MANIFEST).read_text())
-    assert manifest["model"]["name"] == loaded.kind == run.kind == TINY_RUNS.get(name, {"type": name})["type"]
+    manifest = json.loads((folders["gru"] / exported.MANIFEST).read_text())
     assert manifest["metrics"] == loaded.metrics == json.loads((run.workdir / "result.json").read_text())
-    assert manifest["checkpoint_step"] == loaded.checkpoint_step == run.checkpoint_step
+    assert manifest["inputs"]["ids"] == {"shape": ["batch", "length"], "dtype": "int32"}
+    assert manifest["versions"]["jax"] == jax.__version__
+    assert sorted(p.name for p in folders["gru"].iterdir()) == sorted(
+        [exported.MANIFEST, exported.PARAMS, exported.ENCODER, "labels.json", *map(exported.program_file, (32, 48))])
 
 
 @pytest.fixture(scope="module")
