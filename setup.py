@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "transformers==5.23.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "flatbuffers==25.12.19",  # jax.export serialization (sentiment_jax/export.py, exported.py)
     "datasets==5.2.0",
     "tensorflow-datasets==4.9.10",
     "importlib_resources==7.1.0",
