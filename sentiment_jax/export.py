@@ -4,36 +4,38 @@ A run needs this package's training code, its Orbax checkpoints and the model cl
 predict; the folder written here needs only JAX, NumPy and the tokenizer (`exported.py`):
 
   manifest.json          model kind and config, labels, test metrics, input shapes, versions
-  forward_<L>.jaxexport  the forward pass (ids, mask -> probabilities) for length bucket L,
-                         serialized StableHLO with a symbolic batch dimension
-  params.safetensors     the parameters, an argument of every program
-  tokenizer.json, labels.json
+  forward_<L>.jaxexport  the forward pass (weights, ids, mask -> probabilities) for length
+                         bucket L, serialized StableHLO with a symbolic batch dimension
+  params.safetensors     the weights, an argument of every program
+  encoder.json (+ tokenizer.json), labels.json
 
 One program per length bucket rather than a symbolic length: the bag models count repeated
 ids with a sort and a binary search, whose trip count must be known when exporting. The
-parameters travel beside the programs rather than inside them as constants, so the programs
-stay a few kilobytes whatever the vocabulary, and the weights are loaded (and can be read)
-once for all buckets.
+weights travel beside the programs rather than inside them as constants, so the programs
+stay tens of kilobytes whatever the vocabulary, and all buckets share one copy of the
+weights. A verbalizer's frozen backbone, pooling, window average and head are one program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import pathlib
 import platform
 import shutil
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+import sentiment_jax
 from sentiment_jax import buckets, exported, runs, steps
 
-LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "safetensors", "tokenizers")
+LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "safetensors", "flatbuffers", "tokenizers")
 
 
 def flat_weights(state) -> tuple[dict[str, np.ndarray], Callable]:
@@ -45,17 +47,13 @@ def flat_weights(state) -> tuple[dict[str, np.ndarray], Callable]:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "sentiment_jax": importlib.metadata.version("sentiment_jax")
-             if _installed("sentiment_jax") else "source"}
-    return {**found, **{lib: importlib.metadata.version(lib) for lib in LIBRARIES if _installed(lib)}}
-
-
-def _installed(lib: str) -> bool:
-    try:
-        importlib.metadata.version(lib)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+    found = {"python": platform.python_version(), "sentiment_jax": sentiment_jax.__version__}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
@@ -64,28 +62,39 @@ def export_run(workdir: str | pathlib.Path, output: str | pathlib.Path, *, check
     return export(runs.load(workdir, checkpoint), output, platforms=platforms)
 
 
-def token_program(run: runs.Run):
-    """A token model's (program(weights, ids, mask), weights, input spec, tokenizer, ids dims between
-    batch and length): ids and mask [batch, length]."""
+@dataclasses.dataclass
+class Program:
+    """What an export holds besides the labels: fn(weights, ids, mask) -> probabilities, the weights, and
+    how `exported.py` turns texts into ids (`inputs`, written to the manifest, and the tokenizer)."""
+
+    fn: Callable
+    weights: dict[str, np.ndarray]
+    inputs: dict
+    tokenizer: Any
+    between: tuple[int, ...] = ()  # ids dimensions between the batch and the length (the verbalizer's windows)
+
+
+def token_program(run: runs.Run) -> Program:
+    """A token model on ids and mask [batch, length]."""
     weights, unflatten = flat_weights({"params": run.params, "rest": run.rest})
     forward = steps.forward_fn(run.graphdef)  # no mesh: the programs run on one device
 
-    def program(weights, ids, mask):
+    def fn(weights, ids, mask):
         state = unflatten(weights)
         return forward(state["params"], state["rest"], ids, mask)
 
     d = run.cfg.data
-    return program, weights, {"kind": "tokens", "padding": d.padding, "truncation": d.truncation}, run.encoder, ()
+    return Program(fn, weights, {"kind": "tokens", "padding": d.padding, "truncation": d.truncation}, run.encoder)
 
 
-def backbone_program(run: runs.Run):
-    """The same for a verbalizer run: backbone, pooling, the average over windows and the head in one
-    program, on ids and mask [batch, windows, length] (`exported.WindowInputs`)."""
+def backbone_program(run: runs.Run) -> Program:
+    """A verbalizer: backbone, pooling, the average over windows and the head on ids and mask
+    [batch, windows, length] (`exported.WindowInputs`)."""
     extractor, b, d = run.encoder.extractor(), run.cfg.backbone, run.cfg.data
     weights, unflatten = flat_weights({"backbone": extractor.state, "params": run.params, "rest": run.rest})
     forward = steps.forward_fn(run.graphdef)
 
-    def program(weights, ids, mask):
+    def fn(weights, ids, mask):
         state = unflatten(weights)
         batch, windows, length = ids.shape
         pooled = extractor.pure_features(state["backbone"], ids.reshape(-1, length),
@@ -96,9 +105,9 @@ def backbone_program(run: runs.Run):
         features = (pooled * size[..., None]).sum(1) / jnp.maximum(total, 1e-12)
         return forward(state["params"], state["rest"], features, jnp.broadcast_to(total > 0, features.shape))
 
-    spec = {"kind": "windows", "template": b.template, "windows": b.windows, "max_length": d.max_length,
-            "truncation": d.truncation}
-    return program, weights, spec, run.encoder.backbone.tokenizer, (b.windows,)
+    inputs = {"kind": "windows", "template": b.template, "windows": b.windows, "max_length": d.max_length,
+              "truncation": d.truncation}
+    return Program(fn, weights, inputs, run.encoder.backbone.tokenizer, (b.windows,))
 
 
 def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str] | None = None) -> pathlib.Path:
@@ -106,35 +115,39 @@ def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str
     output = pathlib.Path(output)
     if output.exists() and not exported.is_export(output) and any(output.iterdir()):
         raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
-    make = backbone_program if run.encoder.kind == "backbone_features" else token_program
-    program, weights, spec, tokenizer, between = make(run)
+    program = (backbone_program if run.encoder.kind == "backbone_features" else token_program)(run)
     lengths = buckets.length_buckets(run.cfg.data.max_length)
     batch = jax.export.symbolic_shape("batch")[0]
-    specs = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in weights.items()}
+    specs = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in program.weights.items()}
     platforms = tuple(platforms or (jax.default_backend(),))
     tmp = output.with_name(f"{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for length in lengths:
-        ids, mask = (jax.ShapeDtypeStruct((batch, *between, length), t) for t in (jnp.int32, jnp.bool_))
-        serialized = jax.export.export(jax.jit(program), platforms=platforms)(specs, ids, mask).serialize()
-        (tmp / exported.program_file(length)).write_bytes(serialized)
-    save_file(weights, tmp / exported.PARAMS)
-    runs.save_encoder(tokenizer, tmp)
-    runs.save_labels(run.label_names, tmp)
-    shape = ["batch", *between, "length"]
-    manifest = {
-        "format": exported.FORMAT, "version": exported.VERSION,
-        "model": run.cfg.model.to_dict(), "labels": list(run.label_names), "checkpoint_step": run.step,
-        "source_run": run.workdir.name, "metrics": runs.read_result(run.workdir),
-        "inputs": {**spec, "ids": {"shape": shape, "dtype": "int32"}, "mask": {"shape": shape, "dtype": "bool"},
-                   "lengths": list(lengths), "batch_sizes": list(buckets.BATCH_SIZES)},
-        "outputs": {"probabilities": {"shape": ["batch", len(run.label_names)], "dtype": "float32"}},
-        "platforms": list(platforms), "versions": versions(),
-    }
-    if run.encoder.kind == "backbone_features":
-        manifest["backbone"] = {k: v for k, v in run.encoder.spec().items() if k != "kind"}
-    (tmp / exported.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    try:
+        for length in lengths:
+            ids, mask = (jax.ShapeDtypeStruct((batch, *program.between, length), t) for t in (jnp.int32, jnp.bool_))
+            serialized = jax.export.export(jax.jit(program.fn), platforms=platforms)(specs, ids, mask).serialize()
+            (tmp / exported.program_file(length)).write_bytes(serialized)
+        save_file(program.weights, tmp / exported.PARAMS)
+        runs.save_encoder(program.tokenizer, tmp)
+        runs.save_labels(run.label_names, tmp)
+        shape = ["batch", *program.between, "length"]
+        manifest = {
+            "format": exported.FORMAT, "version": exported.VERSION,
+            "model": run.cfg.model.to_dict(), "labels": list(run.label_names), "checkpoint_step": run.step,
+            "source_run": run.workdir.name, "metrics": runs.read_result(run.workdir),
+            "inputs": {**program.inputs, "ids": {"shape": shape, "dtype": "int32"},
+                       "mask": {"shape": shape, "dtype": "bool"}, "lengths": list(lengths),
+                       "batch_sizes": list(buckets.BATCH_SIZES)},
+            "outputs": {"probabilities": {"shape": ["batch", len(run.label_names)], "dtype": "float32"}},
+            "platforms": list(platforms), "versions": versions(),
+        }
+        if run.encoder.kind == "backbone_features":
+            manifest["backbone"] = {k: v for k, v in run.encoder.spec().items() if k != "kind"}
+        (tmp / exported.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
     return output
@@ -162,7 +175,7 @@ def main(argv) -> None:
     try:
         output = export_run(FLAGS.workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, platforms=FLAGS.platforms)
     except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {FLAGS.workdir} to {output}")
 

@@ -120,27 +120,32 @@ class ExportedPredictor:
         return buckets.records(self.label_names, probs)
 
 
-def read_manifest(folder: pathlib.Path) -> dict:
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise ExportError(f"{file} not found; is {folder} a folder written by `python -m sentiment_jax.export`?")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ExportError(f"{file} is not valid JSON; export the run again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{file} is not a sentiment_jax export manifest; export the run again")
-    if manifest.get("version") != VERSION:
-        raise ExportError(f"{file} has export format version {manifest.get('version')}, this code reads "
-                          f"{VERSION}; export the run again with this version")
-    return manifest
-
-
 def _file(folder: pathlib.Path, name: str) -> pathlib.Path:
     file = folder / name
     if not file.is_file():
         raise ExportError(f"{file} not found; the export is incomplete, export the run again")
     return file
+
+
+def _json(folder: pathlib.Path, name: str):
+    file = _file(folder, name)
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ExportError(f"{file} is not valid JSON; export the run again") from None
+
+
+def read_manifest(folder: pathlib.Path) -> dict:
+    if not (folder / MANIFEST).is_file():
+        raise ExportError(f"{folder / MANIFEST} not found; is {folder} a folder written by "
+                          "`python -m sentiment_jax.export`?")
+    manifest = _json(folder, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{folder / MANIFEST} is not a sentiment_jax export manifest; export the run again")
+    if manifest.get("version") != VERSION:
+        raise ExportError(f"{folder / MANIFEST} has export format version {manifest.get('version')}, this code "
+                          f"reads {VERSION}; export the run again with this version")
+    return manifest
 
 
 def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
@@ -179,19 +184,18 @@ def _weights(folder: pathlib.Path, program: jax.export.Exported) -> dict[str, ja
 
 def load(folder: str | pathlib.Path, *, name: str | None = None,
          batch_sizes: Sequence[int] | None = None) -> ExportedPredictor:
-    """Reads an export folder; `batch_sizes` default to those the run was served with when exported."""
+    """Reads an export folder; `batch_sizes` default to the batch buckets of the exporting version."""
     folder = pathlib.Path(folder)
     manifest = read_manifest(folder)
     try:
         spec = manifest["inputs"]
-        tokenizer = tokenization.from_spec(json.loads(_file(folder, ENCODER).read_text()), folder)
-        inputs = INPUTS[spec["kind"]](tokenizer, spec)
+        inputs = INPUTS[spec["kind"]](tokenization.from_spec(_json(folder, ENCODER), folder), spec)
         programs = {int(length): _program(folder, int(length)) for length in spec["lengths"]}
         weights = _weights(folder, programs[max(programs)])
         return ExportedPredictor(folder, manifest, inputs, programs, weights, name or folder.name,
                                  batch_sizes or spec["batch_sizes"])
     except (KeyError, TypeError) as e:
-        raise ExportError(f"{folder / MANIFEST} lacks or garbles {e}; export the run again") from None
+        raise ExportError(f"{folder}: its {MANIFEST} or {ENCODER} lacks or garbles {e}; export the run again") from None
 
 
 def load_predictor(path: str | pathlib.Path, *, name: str | None = None, checkpoint: str | int = "best",
