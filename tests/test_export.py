@@ -117,19 +117,19 @@ def test_the_predict_cli_takes_an_export_folder(folders):
 
 
 def test_the_server_serves_an_export_beside_a_run(folders, predictors):
-    served = [t for t in TEXTS if t][:4]  # the API refuses empty texts
     from fastapi.testclient import TestClient
 
     from sentiment_jax import serve
 
+    texts = [t for t in TEXTS if t][:4]  # the API refuses empty texts
     served = {"lstm": exported.load(folders["lstm"], name="lstm", batch_sizes=(1, 8)), "gru": predictors["gru"]}
     with TestClient(serve.create_app(served, ["k"])) as client:
         models = client.get("/v1/models", headers={serve.KEY_HEADER: "k"}).json()["models"]
-        response = client.post("/v1/predict", json={"texts": served, "model": "lstm"},
+        response = client.post("/v1/predict", json={"texts": texts, "model": "lstm"},
                                headers={serve.KEY_HEADER: "k"})
     assert response.status_code == 200, response.text
     probs = [[p["probabilities"][n] for n in ("neg", "pos")] for p in response.json()["predictions"]]
-    np.testing.assert_allclose(probs, predictors["lstm"].predict(served), atol=1e-6)
+    np.testing.assert_allclose(probs, predictors["lstm"].predict(texts), atol=1e-6)
     lstm = models[0]
     assert (lstm["type"], lstm["labels"], lstm["checkpoint_step"]) == ("lstm", ["neg", "pos"],
                                                                       predictors["lstm"].checkpoint_step)
