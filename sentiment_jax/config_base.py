@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     tr.confidence_penalty = 0.0  # sigmoid: loss = bce - λ·mean|p - 0.5| (rewards confident predictions)
     tr.ema_decay = 0.0  # >0: validate, checkpoint, test and serve a moving average of the params (e.g. 0.999)
     tr.log_every = 20
+    # A Weights & Biases project name also logs every scalar there (pip install 'sentiment_jax[wandb]';
+    # WANDB_MODE=offline keeps it on disk); "" (the default) never imports wandb.
+    tr.wandb_project = ""
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 0  # also save mid-epoch every N steps

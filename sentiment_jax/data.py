@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from sentiment_jax._extras import require
+
 DATA_ENV = "SENTIMENT_JAX_DATA"
 CACHE_ENV = "SENTIMENT_JAX_CACHE"
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -309,8 +311,7 @@ def load_huggingface(cfg):
     Offline, `datasets` retries the hub for minutes unless told it is offline, so we check
     the hub once (3 s) and switch it to offline mode; local folders and caches still work.
     """
-    import datasets
-
+    datasets = require("datasets", "hf")
     name = cfg.hf_name
     if not name:
         raise DataError("dataset 'huggingface' needs --config.data.hf_name=NAME_OR_FOLDER")
@@ -347,8 +348,7 @@ def load_huggingface(cfg):
 
 def load_tfds(cfg):
     """A prepared TFDS dataset by name, read through its random-access data source (no TensorFlow)."""
-    import tensorflow_datasets as tfds
-
+    tfds = require("tensorflow_datasets", "tfds")
     name = cfg.tfds_name
     if not name:
         raise DataError("dataset 'tfds' needs --config.data.tfds_name=NAME")

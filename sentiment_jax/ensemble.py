@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from sentiment_jax import checkpoints, inference, metrics
 from sentiment_jax import data as data_lib
+from sentiment_jax._extras import MissingExtra
 
 
 def mean_probabilities(workdirs: Sequence[str | pathlib.Path], split: str = "test",
@@ -69,7 +70,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         report = ensemble(FLAGS.workdirs, FLAGS.split, FLAGS.checkpoint)
-    except (data_lib.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (data_lib.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for m in report["members"]:

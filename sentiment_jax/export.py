@@ -30,10 +30,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 import sentiment_jax
 from sentiment_jax import buckets, exported, runs, steps
+from sentiment_jax._extras import MissingExtra, require
+
+save_file = require("safetensors.numpy", "export", program=__name__ == "__main__").save_file
+require("flatbuffers", "export", program=__name__ == "__main__")  # what jax.export writes programs with
 
 LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "safetensors", "flatbuffers", "tokenizers")
 
@@ -174,7 +177,7 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         output = export_run(FLAGS.workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, platforms=FLAGS.platforms)
-    except (checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {FLAGS.workdir} to {output}")

@@ -3,8 +3,8 @@
 The folder holds the forward pass as serialized StableHLO, one `jax.export` program per
 length bucket with a symbolic batch dimension, the parameters as safetensors (arguments of
 the programs), the tokenizer, the labels and `manifest.json`. Loading it imports none of the
-training code, optax, Orbax or Flax, so a folder serves wherever JAX runs, without the run's
-checkpoints. `ExportedPredictor` answers like `inference.Predictor`, so the predict CLI and
+training code, optax, Orbax or Flax (it needs the `export` extra: safetensors, flatbuffers),
+so a folder serves wherever JAX runs, without the run's checkpoints. `ExportedPredictor` answers like `inference.Predictor`, so the predict CLI and
 the server take either.
 """
 
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from sentiment_jax import buckets, input_pipeline, tokenization
+from sentiment_jax._extras import require
 
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
@@ -150,10 +151,9 @@ def read_manifest(folder: pathlib.Path) -> dict:
 
 def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
     file = _file(folder, program_file(length))
+    require("flatbuffers", "export")  # what jax.export reads programs with
     try:
         program = jax.export.deserialize(bytearray(file.read_bytes()))
-    except ImportError:  # a missing dependency (flatbuffers), not a damaged file
-        raise
     except Exception:  # noqa: BLE001 - flatbuffers raise anything on a damaged file
         raise ExportError(f"{file} is not a readable jax.export program; export the run again") from None
     if jax.default_backend() not in program.platforms:
@@ -164,13 +164,11 @@ def _program(folder: pathlib.Path, length: int) -> jax.export.Exported:
 
 def _weights(folder: pathlib.Path, program: jax.export.Exported) -> dict[str, jax.Array]:
     """The parameters, checked against the argument the program was exported for."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+    safetensors = require("safetensors.numpy", "export")
     file = _file(folder, PARAMS)
     try:
-        arrays = load_file(file)
-    except (SafetensorError, OSError):
+        arrays = safetensors.load_file(file)
+    except (require("safetensors", "export").SafetensorError, OSError):
         raise ExportError(f"{file} is not a readable safetensors file; export the run again") from None
     (expected, *_), _ = jax.tree.unflatten(program.in_tree, program.in_avals)
     got = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}

@@ -71,6 +71,8 @@ class Predictor:
 
     def warmup(self) -> None:
         """Compiles every (batch, length) bucket now rather than on the first requests."""
+        if hasattr(self.run.encoder, "warmup"):  # a backbone featurizer compiles its extraction too
+            self.run.encoder.warmup()
         empty = np.zeros(0, np.float32 if self.run.encoder.kind == "backbone_features" else np.int32)
         buckets.warmup(self.lengths, self.batch_sizes, self._run, empty)
 

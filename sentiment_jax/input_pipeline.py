@@ -15,7 +15,9 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from sentiment_jax import data as data_lib
 from sentiment_jax import tokenization
@@ -33,9 +35,20 @@ class Encoded:
         return len(self.labels)
 
 
-def encode(split: data_lib.Split, tokenizer, cfg) -> Encoded:
-    ids, lengths = tokenization.pad(tokenizer.encode(split.texts), cfg.max_length,
-                                    cfg.padding, cfg.truncation)
+PROGRESS_FROM = 10_000  # texts; smaller splits encode in a second or two, without a bar
+CHUNK = 2_000
+
+
+def encode(split: data_lib.Split, tokenizer, cfg, desc: str | None = None) -> Encoded:
+    """With `desc`, a split of PROGRESS_FROM texts or more shows a progress bar (stderr) while it encodes."""
+    texts = split.texts
+    show = desc is not None and len(texts) >= PROGRESS_FROM and jax.process_index() == 0
+    sequences = []
+    with tqdm(total=len(texts), desc=desc, disable=not show, leave=False, mininterval=1, unit="text") as bar:
+        for start in range(0, len(texts), CHUNK):
+            sequences += tokenizer.encode(texts[start:start + CHUNK])
+            bar.update(min(CHUNK, len(texts) - start))
+    ids, lengths = tokenization.pad(sequences, cfg.max_length, cfg.padding, cfg.truncation)
     return Encoded(ids, lengths, split.labels)
 
 
@@ -52,7 +65,7 @@ def encode_splits(dataset: data_lib.Dataset, tokenizer, cfg, workdir: pathlib.Pa
         with np.load(cache) as f:
             return {s: Encoded(f[f"{s}/ids"], f[f"{s}/lengths"], f[f"{s}/labels"])
                     for s in dataset.splits}
-    encoded = {s: encode(split, tokenizer, cfg) for s, split in dataset.splits.items()}
+    encoded = {s: encode(split, tokenizer, cfg, desc=f"tokenize {s}") for s, split in dataset.splits.items()}
     arrays = {f"{s}/{k}": getattr(e, k) for s, e in encoded.items() for k in ("ids", "lengths", "labels")}
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # processes sharing a workdir write alike
     np.savez(tmp, **arrays)

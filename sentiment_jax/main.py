@@ -22,6 +22,8 @@ flags.DEFINE_string("checkpoint", None, "eval/predict: best, latest or a step nu
 flags.DEFINE_string("input", None, "predict: .csv, .jsonl or one-text-per-line file, or - for stdin "
                     "(default: the texts given as arguments, else stdin).")
 flags.DEFINE_string("text_field", "text", "predict: the CSV column or JSON key holding the text.")
+flags.DEFINE_bool("plots", True, "train: end by drawing the training curves and the test confusion matrix "
+                  "as PNGs in the workdir (sentiment_jax.plots).")
 flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many single-threaded devices: one per core "
                      "is fastest for the LSTM; more simulate a bigger mesh.")
 # Multi-process runs; on TPU VMs and under SLURM these are detected and need not be given.
@@ -40,6 +42,7 @@ def main(argv):
     import jax
 
     from sentiment_jax import checkpoints, data, distributed, predict, runs, sharding, train
+    from sentiment_jax._extras import MissingExtra
 
     if FLAGS.cpu_devices:
         sharding.use_cpu_devices(FLAGS.cpu_devices)
@@ -54,6 +57,10 @@ def main(argv):
             if FLAGS.config is None:
                 raise ValueError("--config is required to train")
             train.train_and_evaluate(cfg, workdir)
+            if FLAGS.plots and jax.process_index() == 0:
+                from sentiment_jax import plots
+
+                print("figures: " + ", ".join(str(f) for f in plots.run_figures(workdir)), flush=True)
         elif FLAGS.mode == "predict":
             texts = argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field)
             predict.predict(workdir, texts, checkpoint=FLAGS.checkpoint or cfg.eval.checkpoint)
@@ -61,9 +68,10 @@ def main(argv):
             # The run's own config; --config, if given, only places it on another mesh.
             train.evaluate(workdir, split=FLAGS.split or cfg.eval.split, which=FLAGS.checkpoint or cfg.eval.checkpoint,
                            mesh_config=FLAGS.config.mesh if FLAGS.config is not None else None)
-    except (data.DataError, checkpoints.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        logging.set_verbosity(logging.FATAL)  # nothing from the libraries after the one line
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -71,10 +79,11 @@ def main(argv):
 def predict_export(argv):
     """--mode=predict on an export folder: no config, checkpoints or training code (nor their imports)."""
     from sentiment_jax import predict
+    from sentiment_jax._extras import MissingExtra
 
     try:
         predict.predict(pathlib.Path(FLAGS.workdir), argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field))
-    except (FileNotFoundError, ValueError) as e:  # DataError and ExportError are ValueErrors
+    except (MissingExtra, FileNotFoundError, ValueError) as e:  # DataError and ExportError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -94,5 +103,10 @@ def parse_flags(argv):
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `sentiment-jax` command, the same as `python -m sentiment_jax.main`."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

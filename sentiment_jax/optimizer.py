@@ -6,7 +6,8 @@ import jax
 import optax
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def learning_rate(cfg, total_steps: int) -> optax.ScalarOrSchedule:
+    """train.schedule as optax takes it: a constant stays a float, so its optimizer state holds no step count."""
     t = cfg.train
     warmup = max(int(t.warmup_fraction * total_steps), 1)
     if t.schedule == "cosine":
@@ -20,6 +21,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
         lr = t.learning_rate
     else:
         raise ValueError(f"unknown train.schedule '{t.schedule}'; choose cosine, linear or constant")
+    return lr
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    t, lr = cfg.train, learning_rate(cfg, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # kernels, not biases
     return optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
                        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))

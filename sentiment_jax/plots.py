@@ -24,27 +24,39 @@ from sentiment_jax import runs  # noqa: E402
 
 
 def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -> pathlib.Path:
-    """Loss and accuracy per epoch, train solid and validation dashed; one colour per name.
+    """Loss, accuracy and learning rate against the training step; one colour per name.
 
-    `folders` maps a label to its runs (several seeds share a colour and a legend entry).
+    Thin lines are the train loss of each logged step (the mean since the previous log), dots the
+    epoch averages (train solid, validation dashed). `folders` maps a label to its runs (several
+    seeds share a colour and a legend entry).
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, paths) in enumerate(folders.items()):
         color = colors[i % len(colors)]
         for j, path in enumerate(paths):
-            epochs = runs.read_metrics(path, "epoch")
-            x = [e["epoch"] for e in epochs]
+            name = lambda what: f"{label} {what}" if j == 0 else None
+            records = runs.read_metrics(path)
+            # Runs older than train/step_loss logged only the running mean since the epoch began.
+            logged = [(r["step"], r.get("train/step_loss", r.get("train/running_loss"))) for r in records
+                      if "train/step_loss" in r or "train/running_loss" in r]
+            axes[0].plot([s for s, _ in logged], [v for _, v in logged], "-", color=color, lw=0.8, alpha=0.6,
+                         label=name("train, per logged step"))
+            rates = [r for r in records if "train/learning_rate" in r]
+            axes[2].plot([r["step"] for r in rates], [r["train/learning_rate"] for r in rates], "-", color=color,
+                         label=name("learning rate"))
+            epochs = [r for r in records if r.get("kind") == "epoch"]
+            x = [e["step"] for e in epochs]
             for ax, metric in zip(axes, ("loss", "accuracy")):
                 ax.plot(x, [e[f"train/{metric}"] for e in epochs], "-o", color=color, ms=3,
-                        label=f"{label} train" if j == 0 else None)
+                        label=name("train, epoch"))
                 if epochs and f"val/{metric}" in epochs[0]:
                     ax.plot(x, [e[f"val/{metric}"] for e in epochs], "--s", color=color, ms=3,
-                            label=f"{label} val" if j == 0 else None)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.set_xlabel("epoch")
+                            label=name("validation, epoch"))
+    for ax, metric in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per epoch (train solid, validation dashed)", fontsize=10)
+        ax.set_title(metric, fontsize=10)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -53,8 +65,9 @@ def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -
     return _save(fig, out)
 
 
-def confusion_matrix(result: dict, out: pathlib.Path, title: str = "") -> pathlib.Path:
-    """Rows true class, columns predicted; colour is the row fraction, text the count."""
+def confusion_figure(result: dict, title: str = ""):
+    """A classification report's confusion matrix: rows true class, columns predicted; colour is the
+    row fraction, text the count."""
     names = list(result["per_class"])
     counts = np.asarray(result["confusion_matrix"])
     fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -71,7 +84,11 @@ def confusion_matrix(result: dict, out: pathlib.Path, title: str = "") -> pathli
     ax.set_title(title or f"test accuracy {result['accuracy']:.2%}", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    return _save(fig, out)
+    return fig
+
+
+def confusion_matrix(result: dict, out: pathlib.Path, title: str = "") -> pathlib.Path:
+    return _save(confusion_figure(result, title), out)
 
 
 def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:

@@ -221,8 +221,8 @@ class Run:
     @functools.cached_property
     def predict_step(self):
         """`forward` jitted with the run's shardings."""
-        return steps.make_predict_step(self.forward, self.param_sharding, self.rest_sharding, self.batch_sharding,
-                                       self.mesh)
+        return steps.make_predict_step(self.graphdef, self.mesh, self.cfg.mesh, self.param_sharding,
+                                       self.rest_sharding, self.batch_sharding)
 
     def pad(self, inputs: Sequence[np.ndarray], length: int | None = None,
             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,16 @@ import sys
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sentiment_jax._extras import MissingExtra, require
+
+for _module in ("fastapi", "pydantic", "uvicorn"):
+    require(_module, "serve", program=__name__ == "__main__")
+from fastapi import Depends, FastAPI, HTTPException, Request, Security  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.security import APIKeyHeader  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field  # noqa: E402
 
 KEYS_ENV = "SENTIMENT_JAX_API_KEYS"
 KEY_HEADER = "X-API-Key"
@@ -258,7 +263,7 @@ def main(argv) -> None:
         fail(e)
     from sentiment_jax import exported
 
-    errors = (FileNotFoundError, ValueError, KeyError)
+    errors = (MissingExtra, FileNotFoundError, ValueError, KeyError)
     if not all(exported.is_export(spec.partition("=")[2]) for spec in FLAGS.model):
         from sentiment_jax import checkpoints  # only runs need the training code
 

@@ -26,7 +26,7 @@ def use_cpu_devices(n: int) -> None:
     An LSTM step's per-timestep matmuls are too small to share across threads. With one device
     per core and the batch sharded over them, each core runs its part of the batch without
     synchronising every timestep. On 2 cores: 1.15x the LSTM training speed of one multi-threaded
-    device, 1.5x together with huge-page malloc (docs/benchmarks.md § Speed).
+    device, 1.5x together with huge-page malloc (docs/results.md § Speed).
     Call before JAX first touches its devices.
     """
     jax.config.update("jax_num_cpu_devices", n)
@@ -42,7 +42,7 @@ def make_mesh(cfg) -> Mesh:
     `cfg.num_devices` > 0 uses only the first that many devices (e.g. 1 of 8 simulated).
     """
     devices = jax.devices()
-    if cfg.get("num_devices"):
+    if cfg.num_devices:
         if cfg.num_devices > len(devices):
             raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
         devices = devices[: cfg.num_devices]

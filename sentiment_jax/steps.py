@@ -71,10 +71,27 @@ def forward_fn(graphdef, mesh=None, mesh_config=None):
     return forward
 
 
-def make_predict_step(forward, param_sharding, rest_sharding, batch_sharding, mesh):
-    """`forward` jitted with explicit shardings; the probabilities come back replicated on every device."""
-    return jax.jit(forward, in_shardings=(param_sharding, rest_sharding, batch_sharding, batch_sharding),
-                   out_shardings=sharding.replicated(mesh))
+_PREDICT_STEPS: dict = {}
+
+
+def _hashable(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
+def make_predict_step(graphdef, mesh, mesh_config, param_sharding, rest_sharding, batch_sharding):
+    """`forward_fn` jitted with explicit shardings; the probabilities come back replicated on every device.
+
+    One jitted step per (graph, layout) in a process, so validation, the end-of-training report
+    and every later restore of the same run (eval, serving, ensembles) share its compilations.
+    """
+    key = (graphdef, mesh, mesh_config and mesh_config.to_json(), batch_sharding, _hashable(param_sharding),
+           _hashable(rest_sharding))
+    if key not in _PREDICT_STEPS:
+        _PREDICT_STEPS[key] = jax.jit(forward_fn(graphdef, mesh, mesh_config),
+                                      in_shardings=(param_sharding, rest_sharding, batch_sharding, batch_sharding),
+                                      out_shardings=sharding.replicated(mesh))
+    return _PREDICT_STEPS[key]
 
 
 def predict_probabilities(predict_step, params, rest, batches: input_pipeline.Batches, batch_sharding,

@@ -38,16 +38,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from sentiment_jax import runs, train
+from sentiment_jax._extras import MissingExtra
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPEC_KEYS = {"config", "set", "variants", "grid", "seeds", "compare"}
-# The `quick` preset of the sweep configs: small IMDB subsets that finish in minutes on a CPU.
-QUICK_SET = {
-    "data.max_examples": 2000,
-    "data.max_length": 200,
-    "data.tokenizer.vocab_size": 10000,
-    "train.epochs": 2,
-}
 
 
 class SweepError(ValueError):
@@ -55,7 +49,10 @@ class SweepError(ValueError):
 
 
 def load_python_file(spec: str, function: str):
-    """Calls `function(VARIANT)` (or `function()`) of a Python file given as `FILE.py[:VARIANT]`."""
+    """Calls `function(VARIANT)` (or `function()`) of a Python file given as `FILE.py[:VARIANT]`.
+
+    The file may import modules beside it (as a script can), e.g. `configs/sweeps/presets.py`.
+    """
     file, _, variant = spec.partition(":")
     path = pathlib.Path(file)
     if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
@@ -64,7 +61,11 @@ def load_python_file(spec: str, function: str):
         raise SweepError(f"{file}: no such file")
     module_spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     if not hasattr(module, function):
         raise SweepError(f"{file} has no {function}()")
     return getattr(module, function)(variant) if variant else getattr(module, function)()
@@ -145,12 +146,14 @@ def expand(spec: dict, overrides: dict | None = None, where: str = "sweep") -> l
 # Running.
 
 
-OTHER_CONFIG = "the folder holds a run of another config; delete it or use another --workdir"
+OTHER_CONFIG = "the folder holds a run of another config; use another --workdir"
 
 
 def _same_config(cfg, folder: pathlib.Path) -> bool:
-    saved = folder / "config.json"
-    return not saved.is_file() or json.loads(saved.read_text()) == json.loads(cfg.to_json_best_effort())
+    if not (folder / runs.CONFIG_FILE).is_file():
+        return True
+    as_json = lambda c: json.loads(c.to_json_best_effort())
+    return as_json(runs.load_config(folder)) == as_json(cfg)
 
 
 def run_all(sweep_runs: list[Run], workdir: pathlib.Path) -> None:
@@ -330,7 +333,7 @@ def main(argv):
                 raise SweepError(f"--set={item}: expected FIELD=VALUE")
             overrides[field] = parse_value(value)
         summary = run_sweep(FLAGS.sweep, FLAGS.workdir, overrides, [int(s) for s in FLAGS.seeds], FLAGS.plots)
-    except (SweepError, ValueError, FileNotFoundError) as e:
+    except (SweepError, MissingExtra, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(markdown_table(summary["configurations"]))
@@ -339,6 +342,11 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `sentiment-jax-sweep` command, the same as `python -m sentiment_jax.sweep`."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sentiment_jax._extras import require
+
 PAD_ID, UNK_ID = 0, 1
 _WORD = re.compile(r"[a-z0-9']+")
 _WORD_CASED = re.compile(r"[A-Za-z0-9']+")
@@ -137,8 +139,7 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | pathlib.Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer
-
+        Tokenizer = require("tokenizers", "hf").Tokenizer
         path = pathlib.Path(path).expanduser()
         file = path / HF_FILE if path.is_dir() else path
         if not file.is_file():
@@ -174,7 +175,7 @@ def build(cfg, train_texts: Sequence[str]):
         words = WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase).words
         return NgramTokenizer(words, cfg.lowercase, tuple(cfg.char_ngrams), cfg.word_ngrams, cfg.buckets)
     if cfg.kind == "huggingface":
-        if not cfg.get("path"):
+        if not cfg.path:
             raise ValueError("tokenizer kind 'huggingface' needs --config.data.tokenizer.path=FOLDER")
         return HFTokenizer.from_folder(cfg.path)
     raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word', 'ngrams' or 'huggingface'")

@@ -26,6 +26,7 @@ from sentiment_jax import input_pipeline
 from sentiment_jax import losses
 from sentiment_jax import metrics as metrics_lib
 from sentiment_jax import models
+from sentiment_jax import optimizer
 from sentiment_jax import runs
 from sentiment_jax import sharding
 from sentiment_jax import state as state_lib
@@ -141,6 +142,7 @@ def run_files(cfg, workdir: pathlib.Path, dataset: data_lib.Dataset, resume: boo
 def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     """Trains (resuming from the latest checkpoint if any), keeps the best, reports on test."""
     check_config(cfg)
+    metrics_lib.check_wandb(cfg.train.wandb_project)  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     resume = runs.has_checkpoints(workdir)
     if resume:  # before anything in the workdir is written
@@ -183,8 +185,10 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
             if is_main:
                 runs.keep_metrics_until(workdir, step)
                 print(f"resuming from checkpoint step {step}", flush=True)
-        writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.wandb_project,
+                                          config=cfg.to_dict())
         stack.callback(writer.close)
+        writer.hparams(cfg.to_dict(), ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"])
         if not int(state.step):
             writer.write(0, counts, kind="params")
         train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset, meta, refit)
@@ -197,6 +201,7 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         result.update(counts)
         writer.write(total_steps, {"test/accuracy": result["accuracy"], "test/macro_f1": result["macro_f1"]},
                      kind="test")
+        writer.confusion(total_steps, "test", result)
     if is_main:
         runs.write_report(workdir, runs.RESULT_FILE, result)
     return result
@@ -209,9 +214,9 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
     decay = cfg.train.ema_decay
     train_step = steps.make_train_step(setup, cfg.train.confidence_penalty,
                                        losses.class_weights(cfg, encoded["train"].labels, dataset.num_classes), decay)
-    predict_step = steps.make_predict_step(steps.forward_fn(setup.graphdef, mesh, cfg.mesh),
-                                           setup.state_sharding.params, setup.state_sharding.rest,
-                                           setup.batch_sharding, mesh)
+    predict_step = steps.make_predict_step(setup.graphdef, mesh, cfg.mesh, setup.state_sharding.params,
+                                           setup.state_sharding.rest, setup.batch_sharding)
+    schedule = optimizer.learning_rate(cfg, len(train_batches) * cfg.train.epochs)
     step = int(state.step)
 
     def checkpoint(step, epoch, index, sums, seconds, val=None):
@@ -233,7 +238,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
         t0 = time.time()
         bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not is_main, mininterval=1, dynamic_ncols=True)
-        seen, t_log = 0, time.time()
+        seen, t_log, logged = 0, time.time(), jax.device_get(sums)
         for index, batch in train_batches.epoch(epoch, start):
             state, sums = train_step(state, sharding.put_batch(batch, setup.batch_sharding), sums)
             step += 1
@@ -242,11 +247,13 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
             if step % cfg.train.log_every == 0:
                 host = jax.device_get(sums)
                 rate = seen / (time.time() - t_log)
-                seen, t_log = 0, time.time()
+                step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
+                seen, t_log, logged = 0, time.time(), host
                 bar.set_postfix(loss=f"{host['loss_sum'] / host['count']:.4f}",
                                 acc=f"{host['correct'] / host['count']:.4f}", ex_s=f"{rate:.0f}")
                 writer.write(step, {"train/running_loss": host["loss_sum"] / host["count"],
-                                    "train/examples_per_s": rate})
+                                    "train/step_loss": step_loss, "train/examples_per_s": rate,
+                                    "train/learning_rate": schedule(step - 1) if callable(schedule) else schedule})
             at_epoch_end = index + 1 == steps_per_epoch
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
                 checkpoint(step, epoch, index + 1, sums, prior_seconds + time.time() - t0)
@@ -258,7 +265,8 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
         if not refit:
             weights = state_lib.model_item(state)  # the average when on: it picks the best checkpoint
             report = evaluate_split(cfg, predict_step, weights["params"], weights["rest"], encoded["validation"],
-                                    dataset.label_names, setup.batch_sharding)
+                                    dataset.label_names, setup.batch_sharding, desc="validation")
+            writer.confusion(step, "val", report)
             val = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
             scalars.update({"val/loss": report["loss"], **{f"val/{k}": v for k, v in val.items()}})
         scalars.update({"epoch_seconds": seconds, "train/examples_per_s": host["count"] / seconds})

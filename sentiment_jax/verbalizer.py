@@ -49,6 +49,7 @@ from sentiment_jax import data as data_lib
 from sentiment_jax import input_pipeline
 from sentiment_jax import sharding
 from sentiment_jax import tokenization
+from sentiment_jax._extras import require
 from sentiment_jax.tokenization import encode_windows, mask_token
 from sentiment_jax.models import DTYPES
 from sentiment_jax.models import encoders
@@ -76,7 +77,7 @@ def resolve_folder(path: str) -> pathlib.Path:
     if path.count("/") != 1 or folder.exists():
         raise encoders.BackboneError(f"backbone.path '{path}' is not a folder; pass a local Hugging Face "
                                      "model folder, a hub id such as answerdotai/ModernBERT-base, or 'minilm'")
-    from huggingface_hub import snapshot_download
+    snapshot_download = require("huggingface_hub", "hf").snapshot_download
 
     try:  # Cached copies first, so offline machines never wait on the network.
         return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "model.safetensors"],
@@ -375,6 +376,13 @@ class FeatureEncoder:
                                      d.truncation)
         per_row = self.extractor()(rows, b.batch_size, b.bucket_width)
         return list(average_windows(per_row, owner, len(texts), [len(r) for r in rows])[b.pooling])
+
+    def warmup(self) -> None:
+        """Compiles the extraction for every row width a text can need, before the first request."""
+        b = self.cfg.backbone
+        top = -(-self.cfg.data.max_length // b.bucket_width) * b.bucket_width
+        for width in range(b.bucket_width, top + 1, b.bucket_width):
+            self.extractor()([np.zeros(width, np.int32)], b.batch_size, b.bucket_width)
 
     def encode_splits(self, dataset: data_lib.Dataset) -> dict[str, input_pipeline.Encoded]:
         """Every split's features (from the cache, or extracted once and cached) as `Encoded` "ids"."""

@@ -88,7 +88,7 @@ def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # this session's folder, shared by its workers
+        root = root.parent  # this test run's folder, shared by its workers
     root = root / "tiny_runs"
     with FileLock(f"{root}.lock"):
         if not (root / "done").is_file():

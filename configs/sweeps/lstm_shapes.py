@@ -7,7 +7,7 @@ Starts from configs/stacked_lstm.py (the last layer's final state is the text ve
 the notebooks this study comes from) and crosses layer sizes with direction.
 """
 
-from sentiment_jax.sweep import QUICK_SET as QUICK
+from presets import QUICK
 
 
 def get_sweep(preset: str = "quick"):

@@ -17,7 +17,7 @@ are scaled per class by Naive Bayes log-count ratios of the training split (NBSV
 Manning 2012), trained here with softmax cross-entropy. The scaling acts as a per-feature prior:
 an n-gram whose training counts separate the classes gets a large input and so a large share of
 the logits, for the same weight norm. It is the best model here on IMDB and on NusaX
-(docs/benchmarks.md, Model zoo).
+(docs/results.md).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sentiment_jax._extras import require
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -331,8 +333,7 @@ def load_encoder(folder: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module,
 
     `encoder.mlm_head` is the masked-LM head if the checkpoint has one, else None.
     """
-    from safetensors.numpy import load_file
-
+    load_file = require("safetensors.numpy", "hf").load_file
     folder = pathlib.Path(folder)
     config = read_config(folder)
     weights_file = folder / "model.safetensors"

@@ -1,7 +1,6 @@
 """The paired-benchmark contender speaks the peers' serve protocol (../shared/bench/peers/README.md)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,10 +16,9 @@ def test_contender_answers_the_serve_protocol_in_bfloat16(tmp_path):
     ids[:, :50] = 0  # front padding, as the peers' arrays have
     data = tmp_path / "arrays.npz"
     np.savez(data, x_train=ids, y_train=rng.integers(0, 2, 256).astype(np.int32))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "sentiment_jax.bench_serve", "--model", "uni", "--data", str(data),
-                           "--dtype", "bfloat16", "--cpu_devices", "2"],
-                          input="2\n", capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, REPO / "benchmarks" / "paired_lstm_contender.py", "--model", "uni",
+                           "--data", str(data), "--dtype", "bfloat16", "--cpu_devices", "2"],
+                          input="2\n", capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     ready, reply = lines

@@ -1,9 +1,9 @@
-"""Paired-benchmark contender: the peers' `uni` and `bi2` LSTMs trained with this project's code.
+"""Paired-benchmark contender: training speed of the peers' `uni` and `bi2` LSTMs with this project's code.
 
 Speaks the serve protocol of ../shared/bench/peers/README.md, so it joins their rotation:
 
   cd ../shared/bench/peers && python3 bench_paired.py --only 'torch uni' --contender \
-      'jax uni=env PYTHONPATH=/path/to/repo /path/to/python -m sentiment_jax.bench_serve --model uni'
+      'jax uni=/path/to/python /path/to/repo/benchmarks/paired_lstm_contender.py --model uni'
 
 Same arrays ($PEERS_HOME/imdb_10k_200.npz), shapes, batch 64 and Adam 1e-3 as the peers, built
 with `state.create_state` / `steps.make_train_step`, and exact masking on: the mask is
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -29,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentiment_jax import config_base, input_pipeline, sharding, steps
-from sentiment_jax import state as state_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the bench starts us in its own folder
+from sentiment_jax import config_base, input_pipeline, sharding, steps  # noqa: E402
+from sentiment_jax import state as state_lib  # noqa: E402
 
 VOCAB, BATCH = 10_000, 64
 
