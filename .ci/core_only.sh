@@ -14,8 +14,8 @@ py="$tmp/venv/bin/python"
 import importlib.util
 import sys
 
-optional = ["fastapi", "uvicorn", "wandb", "datasets", "tokenizers", "safetensors", "flatbuffers", "huggingface_hub",
-            "tensorflow_datasets", "torch", "transformers", "pandas", "pyarrow", "pytest"]
+optional = ["fastapi", "uvicorn", "wandb", "datasets", "tokenizers", "safetensors", "flatbuffers",
+            "huggingface_hub", "tensorflow_datasets", "torch", "transformers", "pandas", "pyarrow", "pytest"]
 found = [m for m in optional if importlib.util.find_spec(m)]
 sys.exit(f"core only: the core install also brought {found}" if found else 0)
 PY
