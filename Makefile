@@ -7,11 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SENTIMENT_JAX_DATA ?= $(abspath ../shared/data)
 export SENTIMENT_JAX_DATA
-# CPU training runs fastest with one single-threaded device per core (the batch is split over
-# them) and with malloc backed by transparent huge pages (XLA's large temporaries then cost far
-# fewer page faults). Both measured in docs/results.md § Speed. Powers of two divide the batch.
-CPU_DEVICES ?= $(shell n=$$(nproc); p=1; while [ $$((p * 2)) -le $$n ]; do p=$$((p * 2)); done; echo $$p)
-GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# `make train` runs under sentiment_jax.cpu_setup, which picks the CPU settings measured fastest
+# (one single-threaded device per core, huge-page malloc, bfloat16 where the CPU has it).
 
 # Every install takes its versions from requirements.lock (the whole tree, all extras, exact
 # versions for Python 3.11 on Linux), so every machine and CI run gets the same packages.
@@ -51,8 +48,7 @@ lock:
 install: $(VENV)/.installed
 
 train: install
-	GLIBC_TUNABLES=$(GLIBC_TUNABLES) $(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm \
-		--cpu_devices=$(CPU_DEVICES)
+	$(PY) -m sentiment_jax.cpu_setup -- $(PY) -m sentiment_jax.main --config=configs/lstm.py --workdir=runs/lstm
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests -q -n 2 --dist loadfile

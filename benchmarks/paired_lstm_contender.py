@@ -77,6 +77,61 @@ def xla_gemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> flo
     return round(2 * n ** 3 / float(np.median(times)) / 1e9, 1)
 
 
+def contender(model: str, ids: np.ndarray, labels: np.ndarray, *, batch: int = BATCH, dtype: str = "float32",
+              backend: str = "scan", bucket_width: int = 0, unroll: int = 0, vocab: int = VOCAB,
+              gemm_ceiling: bool = False):
+    """Builds, compiles and warms up one model; returns (its ready line as a dict, timed), where
+    timed(n) runs 1 untimed and n timed training steps and returns the serve protocol's reply."""
+    cfg = peer_config(model, unroll or config_base.base_config().model.unroll, dtype)
+    cfg.model.lstm_backend = backend
+    split = input_pipeline.Encoded(ids, (ids != 0).sum(1).astype(np.int32), labels)
+    batches = input_pipeline.Batches(split, batch, padding="pre", shuffle=True, seed=0, bucket_width=bucket_width)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state, setup = state_lib.create_state(cfg, mesh, vocab, 2, total_steps=1)
+    train_step = steps.make_train_step(setup)
+    sums = steps.zero_metrics(mesh)
+
+    def stream():
+        epoch = 0
+        while True:
+            for _, b in batches.epoch(epoch):
+                yield sharding.put_batch(b, setup.batch_sharding)
+            epoch += 1
+
+    data = stream()
+    # Warm-up: compile every batch width the bucketing can produce, then 3 steps.
+    length = ids.shape[1]
+    for w in (range(bucket_width, length + 1, bucket_width) if bucket_width else [length]):
+        b = {"ids": ids[:batch, -w:], "mask": ids[:batch, -w:] != 0, "label": labels[:batch],
+             "weight": np.ones(batch, np.float32)}
+        state, sums = train_step(state, sharding.put_batch(b, setup.batch_sharding), sums)
+    for _ in range(3):
+        state, sums = train_step(state, next(data), sums)
+    jax.block_until_ready(state)
+    mflop = nominal_mflop(cfg, length)
+
+    def timed(n: int) -> dict:
+        nonlocal state, sums
+        state, sums = jax.block_until_ready(train_step(state, next(data), sums))  # untimed
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            state, sums = train_step(state, next(data), sums)
+        jax.block_until_ready((state, sums))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        rate = n * batch / dt
+        # cpu_s_per_step: CPU time of this process, a steadier yardstick than wall time on a busy machine.
+        return {"steps": n, "seconds": round(dt, 4), "examples_per_s": round(rate, 2),
+                "gflop_s": round(rate * mflop / 1e3, 1), "cpu_s_per_step": round(cpu / n, 4)}
+
+    info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": model, "batch": batch, "mode": "serve",
+            "unroll": cfg.model.unroll, "dtype": dtype, "backend": backend, "bucket_width": bucket_width,
+            "mflop_per_example": round(mflop, 1), "params": state_lib.parameter_counts(state)["trainable_params"],
+            "ready": True}
+    if gemm_ceiling:
+        info["xla_gemm_gflops"] = xla_gemm_gflops(dtype=dtype)
+    return info, timed
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("uni", "bi2"), default="uni")
@@ -90,55 +145,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.cpu_devices:
         sharding.use_cpu_devices(args.cpu_devices)
-
-    cfg = peer_config(args.model, args.unroll or config_base.base_config().model.unroll, args.dtype)
     with np.load(args.data) as f:
         ids, labels = f["x_train"].astype(np.int32), f["y_train"].astype(np.int32)
-    split = input_pipeline.Encoded(ids, (ids != 0).sum(1).astype(np.int32), labels)
-    batches = input_pipeline.Batches(split, BATCH, padding="pre", shuffle=True, seed=0,
-                                     bucket_width=args.bucket_width)
-    mesh = sharding.make_mesh(cfg.mesh)
-    state, setup = state_lib.create_state(cfg, mesh, VOCAB, 2, total_steps=1)
-    train_step = steps.make_train_step(setup)
-    sums = steps.zero_metrics(mesh)
-
-    def stream():
-        epoch = 0
-        while True:
-            for _, batch in batches.epoch(epoch):
-                yield sharding.put_batch(batch, setup.batch_sharding)
-            epoch += 1
-
-    data = stream()
-    # Warm-up: compile every batch width the bucketing can produce, then 3 steps.
-    widths = range(args.bucket_width, 201, args.bucket_width) if args.bucket_width else [200]
-    for w in widths:
-        b = {"ids": ids[:BATCH, -w:], "mask": ids[:BATCH, -w:] != 0, "label": labels[:BATCH],
-             "weight": np.ones(BATCH, np.float32)}
-        state, sums = train_step(state, sharding.put_batch(b, setup.batch_sharding), sums)
-    for _ in range(3):
-        state, sums = train_step(state, next(data), sums)
-    jax.block_until_ready(state)
-
-    mflop = nominal_mflop(cfg)
-
-    def timed(n):
-        nonlocal state, sums
-        state, sums = jax.block_until_ready(train_step(state, next(data), sums))  # untimed
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            state, sums = train_step(state, next(data), sums)
-        jax.block_until_ready((state, sums))
-        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        rate = n * BATCH / dt
-        # cpu_s_per_step: CPU time of this process, a steadier yardstick than wall time on a busy machine.
-        return {"steps": n, "seconds": round(dt, 4), "examples_per_s": round(rate, 2),
-                "gflop_s": round(rate * mflop / 1e3, 1), "cpu_s_per_step": round(cpu / n, 4)}
-
-    info = {"peer": f"jax {jax.__version__} / sentiment_jax", "model": args.model, "batch": BATCH,
-            "mode": "serve", "unroll": cfg.model.unroll, "dtype": args.dtype, "bucket_width": args.bucket_width,
-            "mflop_per_example": round(mflop, 1), "params": state_lib.parameter_counts(state)["trainable_params"],
-            "xla_gemm_gflops": xla_gemm_gflops(dtype=args.dtype), "ready": True}
+    info, timed = contender(args.model, ids, labels, dtype=args.dtype, bucket_width=args.bucket_width,
+                            unroll=args.unroll, gemm_ceiling=True)
     if args.steps:
         print(json.dumps(dict(info, **timed(args.steps))), flush=True)
         return

@@ -89,6 +89,18 @@ def test_cudnn_training_on_eight_devices_matches_the_scan_on_one(files, referenc
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.skipif(not recurrent.cudnn_available(), reason="cuDNN needs a CUDA GPU")
+def test_cudnn_training_matches_the_scan_on_one_device(files):  # noqa: F811
+    """The real kernel inside the jitted train step: three steps give the scan's losses and weights."""
+    one = {**COMMON, "mesh.num_devices": 1}
+    scan_losses, scan_state = train_steps(tiny_config(files, **one))
+    losses, state = train_steps(tiny_config(files, **one, **{"model.lstm_backend": "cudnn"}))
+    np.testing.assert_allclose(losses, scan_losses, rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(scan_state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.skipif(recurrent.cudnn_available(), reason="checks the fallback where there is no GPU")
 def test_cudnn_falls_back_to_the_scan_without_a_gpu_and_rejects_other_cells():
     cfg = config_base.base_config().model
     cfg.lstm_backend = "cudnn"

@@ -1,0 +1,60 @@
+"""`make train`'s CPU settings: devices per core, bfloat16 only with bfloat16 units, huge-page malloc."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sentiment_jax import cpu_setup
+from test_train import REPO
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile
+bogomips\t: 4000.00
+
+processor\t: 1
+model name\t: Some CPU
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16
+"""
+
+
+def test_flags_are_those_every_processor_reports():
+    assert cpu_setup.cpu_flags(CPUINFO) == {"fpu", "sse2", "avx2", "fma", "avx512f", "avx512_bf16"}
+    assert cpu_setup.cpu_flags("processor : 0\n") == set()
+
+
+def test_choice_by_cores_and_flags():
+    assert cpu_setup.choose(2, {"avx2", "fma"}) == {"cpu_devices": 2, "dtype": "float32",
+                                                   "malloc": "glibc.malloc.hugetlb=1"}
+    assert cpu_setup.choose(6, {"avx512_bf16"})["cpu_devices"] == 4  # a power of two divides the batch
+    assert cpu_setup.choose(1, {"amx_bf16"}) == {"cpu_devices": 1, "dtype": "bfloat16",
+                                                "malloc": "glibc.malloc.hugetlb=1"}
+    assert cpu_setup.choose(16, {"avx512f", "avx512_vnni"})["dtype"] == "float32"  # AVX-512 without BF16
+
+
+def test_what_the_command_or_environment_gives_is_kept():
+    settings = cpu_setup.choose(2, {"avx512_bf16"})
+    command, env = cpu_setup.apply(["python", "--cpu_devices=8"], {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                   settings)
+    assert command == ["python", "--cpu_devices=8", "--config.model.dtype=bfloat16"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    command, env = cpu_setup.apply(["python", "--config.model.dtype=float32"],
+                                   {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, settings)
+    assert command == ["python", "--config.model.dtype=float32", "--cpu_devices=2"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+@pytest.mark.skipif(cpu_setup.has_nvidia_gpu() or "GLIBC_TUNABLES" in os.environ,
+                    reason="CPU settings are added only on a CPU machine, to an environment without tunables")
+def test_runs_the_command_with_the_settings_of_this_machine():
+    show = "import os, sys; print(os.environ['GLIBC_TUNABLES'], *sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-m", "sentiment_jax.cpu_setup", "--", sys.executable, "-c", show, "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    flags = cpu_setup.cpu_flags(open("/proc/cpuinfo").read())
+    expected = cpu_setup.choose(len(os.sched_getaffinity(0)), flags)
+    assert proc.stdout.split() == ["glibc.malloc.hugetlb=1", "x", f"--cpu_devices={expected['cpu_devices']}",
+                                   f"--config.model.dtype={expected['dtype']}"]
+    assert proc.stderr.startswith("cpu_setup: ") and proc.stderr.count("\n") == 1
