@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 
 from configs import lstm
-from sentiment_jax import input_pipeline, train
+from sentiment_jax import data, input_pipeline, runs, train
 
 
 def mean_width(split: input_pipeline.Encoded, cfg, length: int, *, training: bool) -> float:
@@ -37,7 +37,8 @@ def main():
     cfg = lstm.get_config("imdb")
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _, _, encoded = train.prepare_data(cfg, workdir, fit_tokenizer=True)
+    dataset = data.load_dataset(cfg.data)
+    encoded = train.encode_splits(cfg, dataset, runs.create_encoder(cfg, dataset.splits["train"].texts), workdir)
     for name, split in encoded.items():
         n = split.lengths
         print(f"{name}: {len(n)} texts, tokens median {np.median(n):.0f}, mean {n.mean():.1f} (after the "

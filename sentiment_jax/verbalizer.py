@@ -32,7 +32,6 @@ one-window features and only encodes the extra windows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
@@ -229,6 +228,18 @@ class Extractor:
         return out
 
 
+_EXTRACTORS: dict = {}
+
+
+def shared_extractor(backbone: Backbone, layers: tuple, label_words: tuple, mesh_cfg) -> Extractor:
+    """One Extractor (the weights on the devices, the compiled shapes) per backbone, recipe and mesh in a
+    process, built on first use: runs on the same backbone (served together, ensembled, restored again) share it."""
+    key = (backbone.fingerprint, layers, label_words, mesh_cfg.to_json())
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = Extractor(backbone, layers, sharding.make_mesh(mesh_cfg), mesh_cfg, label_words)
+    return _EXTRACTORS[key]
+
+
 def _save(file: pathlib.Path, **arrays):
     """np.savez through a temporary file, so a stopped job never leaves a torn file behind."""
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +347,7 @@ class FeatureEncoder:
             raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
         self.cfg, self.backbone, self.folder = cfg, backbone, folder
         self.vocab_size = len(b.label_words) if b.pooling == "label_words" else backbone.config["hidden_size"]
-        self.extractor = functools.cache(lambda: Extractor(backbone, b.layers, sharding.make_mesh(cfg.mesh),
-                                                           cfg.mesh, b.label_words))
+        self.extractor = lambda: shared_extractor(backbone, tuple(b.layers), tuple(b.label_words), cfg.mesh)
 
     @classmethod
     def create(cls, cfg) -> "FeatureEncoder":
