@@ -14,8 +14,8 @@ py="$tmp/venv/bin/python"
 import importlib.util
 import sys
 
-optional = ["fastapi", "uvicorn", "wandb", "datasets", "tokenizers", "safetensors", "huggingface_hub",
-            "tensorflow_datasets", "torch", "transformers", "pandas", "pyarrow", "pytest"]
+optional = ["fastapi", "uvicorn", "wandb", "datasets", "tokenizers", "safetensors", "flatbuffers",
+            "huggingface_hub", "tensorflow_datasets", "torch", "transformers", "pandas", "pyarrow", "pytest"]
 found = [m for m in optional if importlib.util.find_spec(m)]
 sys.exit(f"core only: the core install also brought {found}" if found else 0)
 PY
@@ -37,6 +37,7 @@ expect_extra() {
     fi
 }
 expect_extra serve "$py" -m sentiment_jax.serve --model=lstm="$run"
+expect_extra export "$py" -m sentiment_jax.export --workdir="$run" --output="$tmp/export"
 expect_extra wandb "$py" -m sentiment_jax.main --config=configs/lstm.py --config.train.wandb_project=demo \
     --workdir="$tmp/wandb"
 expect_extra hf "$py" -m sentiment_jax.main --config=configs/lstm.py --config.data.name=huggingface \

@@ -1,8 +1,9 @@
 """Load test of the HTTP API: N concurrent clients for S seconds on loopback.
 
   python benchmarks/serve_load.py --workdir=runs/lstm [--clients=8 --seconds=20 --texts_per_request=1]
+  python benchmarks/serve_load.py --workdir=exports/lstm --texts_from=runs/lstm   # an export folder
 
-Starts `python -m sentiment_jax.serve` on the run (or uses --url and --key of a running
+Starts `python -m sentiment_jax.serve` on the run or export (or uses --url and --key of a running
 one), sends test-split texts of the run's own dataset round-robin, each client one request
 at a time over a kept-alive connection, and prints latency percentiles and throughput as
 one JSON line. Every request must succeed.
@@ -28,7 +29,8 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-flags.DEFINE_string("workdir", None, "The trained run to serve and take test texts from.", required=True)
+flags.DEFINE_string("workdir", None, "The trained run or export folder to serve.", required=True)
+flags.DEFINE_string("texts_from", None, "The run whose test texts to send (default: --workdir).")
 flags.DEFINE_integer("clients", 8, "Concurrent clients.")
 flags.DEFINE_float("seconds", 20, "How long to send requests.")
 flags.DEFINE_integer("texts_per_request", 1, "Texts in each request.")
@@ -101,7 +103,7 @@ def main(argv) -> None:
     del argv
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     workdir = pathlib.Path(FLAGS.workdir)
-    texts = test_texts(workdir, FLAGS.num_texts)
+    texts = test_texts(pathlib.Path(FLAGS.texts_from or workdir), FLAGS.num_texts)
     key = FLAGS.key or secrets.token_hex(16)
     proc, url = (None, FLAGS.url) if FLAGS.url else start_server(workdir, key)
     try:

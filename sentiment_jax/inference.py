@@ -1,7 +1,8 @@
 """Load a trained run and predict texts: the one inference path behind the CLI and the server.
 
 A run's workdir holds all it needs (see runs.py); `runs.load` restores it. Texts are padded
-into a few fixed (batch, length) buckets, so the jitted predict step compiles once per bucket (`warmup`) and never again, whatever the texts.
+into a few fixed (batch, length) buckets (buckets.py), so the jitted predict step compiles once per bucket
+(`warmup`) and never again, whatever the texts.
 """
 
 from __future__ import annotations
@@ -13,20 +14,8 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from sentiment_jax import runs, sharding
-
-# Powers of two: merged requests waste at most half a batch on padding (with 1, 8, 32 a
-# group of 2 texts costs a batch of 8); the price is more compilations at start-up.
-BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-
-
-def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to the run's max_length: 400 -> (32, 64, 128, 256, 400)."""
-    buckets = []
-    while smallest < max_length:
-        buckets.append(smallest)
-        smallest *= 2
-    return (*buckets, max_length)
+from sentiment_jax import buckets, runs, sharding
+from sentiment_jax.buckets import BATCH_SIZES, length_buckets
 
 
 @dataclasses.dataclass
@@ -58,24 +47,24 @@ class Predictor:
     def _predict_step(self):
         return self.run.predict_step
 
+    @property
+    def kind(self) -> str:
+        return self.run.cfg.model.name
+
+    @property
+    def metrics(self) -> dict | None:
+        """The run's test report (result.json), if it finished."""
+        return runs.read_result(self.run.workdir)
+
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Class probabilities [N, K], in the order of `texts`."""
         seqs = self.run.encoder.encode(texts)
-        tokens = np.minimum([len(s) for s in seqs], self.lengths[-1])
-        widths = np.asarray(self.lengths)[np.searchsorted(self.lengths, tokens)]  # smallest bucket that fits
-        out = np.zeros((len(seqs), len(self.label_names)), np.float32)
-        largest = self.batch_sizes[-1]
-        for width in np.unique(widths):
-            rows = np.flatnonzero(widths == width)
-            for start in range(0, len(rows), largest):
-                chunk = rows[start:start + largest]
-                out[chunk] = self._run([seqs[i] for i in chunk], int(width))
-        return out
+        return buckets.predict(seqs, [len(s) for s in seqs], self.lengths, self.batch_sizes, len(self.label_names),
+                               self._run)
 
-    def _run(self, seqs: list[np.ndarray], width: int) -> np.ndarray:
-        """One call of the jitted step on the smallest batch bucket that holds `seqs`."""
-        size = next(b for b in self.batch_sizes if b >= len(seqs))
-        ids, mask = self.run.pad(seqs, width, rows=size)  # masks built exactly as in training and eval
+    def _run(self, seqs: list[np.ndarray], width: int, rows: int) -> np.ndarray:
+        """One call of the jitted step on `rows` rows."""
+        ids, mask = self.run.pad(seqs, width, rows=rows)  # masks built exactly as in training and eval
         arrays = sharding.put_batch({"ids": ids, "mask": mask}, self.run.batch_sharding)
         probs = self.run.predict_step(self.run.params, self.run.rest, arrays["ids"], arrays["mask"])
         return np.asarray(probs)[:len(seqs)]
@@ -85,14 +74,10 @@ class Predictor:
         if hasattr(self.run.encoder, "warmup"):  # a backbone featurizer compiles its extraction too
             self.run.encoder.warmup()
         empty = np.zeros(0, np.float32 if self.run.encoder.kind == "backbone_features" else np.int32)
-        for width in self.lengths:
-            for size in self.batch_sizes:
-                self._run([empty] * size, width)
+        buckets.warmup(self.lengths, self.batch_sizes, self._run, empty)
 
     def records(self, probs: np.ndarray) -> list[dict]:
-        """One {"label", "probabilities": {class name: p}} per row."""
-        return [{"label": self.label_names[int(p.argmax())],
-                 "probabilities": {n: float(v) for n, v in zip(self.label_names, p)}} for p in probs]
+        return buckets.records(self.label_names, probs)
 
 
 def load(workdir: str | pathlib.Path, *, name: str | None = None, checkpoint: str | int = "best",

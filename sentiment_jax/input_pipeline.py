@@ -144,3 +144,12 @@ class Batches:
         for i, indices in enumerate(self.order(epoch)):
             if i >= start:
                 yield i, self.batch(indices)
+
+
+def pad_batch(inputs, width: int, rows: int, *, padding: str, truncation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text inputs -> (ids, mask) [rows, width], truncated, padded and masked exactly as training batches
+    them; rows beyond the inputs are all padding. Inference and exported programs take these."""
+    ids, lengths = tokenization.pad(list(inputs), width, padding, truncation)
+    batches = Batches(Encoded(ids, lengths, np.zeros(len(inputs), np.int32)), rows, padding=padding, shuffle=False)
+    batch = batches.batch(batches.order(0)[0])
+    return batch["ids"], batch["mask"]

@@ -35,6 +35,10 @@ flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_process
 def main(argv):
     if not FLAGS["verbosity"].present:  # orbax is chatty at INFO; our progress goes to stdout
         logging.set_verbosity(logging.WARNING)
+    from sentiment_jax import exported
+
+    if FLAGS.mode == "predict" and exported.is_export(FLAGS.workdir):
+        return predict_export(argv)
     import jax
 
     from sentiment_jax import checkpoints, data, distributed, predict, runs, sharding, train
@@ -69,6 +73,18 @@ def main(argv):
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         logging.set_verbosity(logging.FATAL)  # nothing from the libraries after the one line
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def predict_export(argv):
+    """--mode=predict on an export folder: no config, checkpoints or training code (nor their imports)."""
+    from sentiment_jax import predict
+    from sentiment_jax._extras import MissingExtra
+
+    try:
+        predict.predict(pathlib.Path(FLAGS.workdir), argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field))
+    except (MissingExtra, FileNotFoundError, ValueError) as e:  # DataError and ExportError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

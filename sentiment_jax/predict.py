@@ -14,7 +14,7 @@ import pathlib
 import sys
 from typing import IO, Iterable, Iterator
 
-from sentiment_jax import inference
+from sentiment_jax import exported
 from sentiment_jax.data import DataError
 
 CHUNK = 256
@@ -74,10 +74,10 @@ def read_texts(path: str | None, text_field: str = "text") -> Iterator[str]:
 
 def predict(workdir: pathlib.Path, texts: Iterable[str], *, checkpoint: str = "best",
             out: IO[str] = sys.stdout) -> int:
-    """Writes {"model", "label", "probabilities"} per text; returns how many."""
+    """Writes {"model", "label", "probabilities"} per text; returns how many. `workdir`: a run or an export."""
     texts = iter(texts)
     chunk = list(itertools.islice(texts, CHUNK))  # bad input fails before the model loads
-    predictor = inference.load(workdir, checkpoint=checkpoint)
+    predictor = exported.load_predictor(workdir, checkpoint=checkpoint)
     count = 0
     while chunk:
         for record in predictor.records(predictor.predict(chunk)):

@@ -230,11 +230,8 @@ class Run:
         """Per-text inputs -> (ids, mask) [rows, length], truncated, padded and masked exactly as in training.
         Rows beyond the texts (up to `rows`) are all padding."""
         d = self.cfg.data
-        ids, lengths = tokenization.pad(list(inputs), length or self.max_length, d.padding, d.truncation)
-        split = input_pipeline.Encoded(ids, lengths, np.zeros(len(inputs), np.int32))
-        batches = input_pipeline.Batches(split, rows or max(len(inputs), 1), padding=d.padding, shuffle=False)
-        batch = batches.batch(batches.order(0)[0])
-        return batch["ids"], batch["mask"]
+        return input_pipeline.pad_batch(inputs, length or self.max_length, rows or max(len(inputs), 1),
+                                        padding=d.padding, truncation=d.truncation)
 
     def inputs(self, texts: Sequence[str], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.pad(self.encoder.encode(texts), length)

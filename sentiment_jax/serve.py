@@ -1,4 +1,4 @@
-"""HTTP API over trained runs: `python -m sentiment_jax.serve --model=NAME=WORKDIR [--model=...]`.
+"""HTTP API over trained runs or exports: `python -m sentiment_jax.serve --model=NAME=WORKDIR [--model=...]`.
 
   POST /v1/predict  {"texts": [...], "model": "NAME"}  -> labels and class probabilities
   GET  /v1/models   the loaded runs with their test metrics (result.json)
@@ -255,18 +255,15 @@ def read_keys(file: str | None) -> list[str]:
     return keys
 
 
-def run_metrics(workdir: pathlib.Path) -> dict | None:
-    """The scalar entries of a run's result.json (test accuracy, macro-F1, ...)."""
-    file = workdir / "result.json"
-    if not file.is_file():
-        return None
-    return {k: v for k, v in json.loads(file.read_text()).items() if isinstance(v, (int, float, str))}
+def scalar_metrics(report: dict | None) -> dict | None:
+    """The scalar entries of a test report (accuracy, macro-F1, ...)."""
+    return None if report is None else {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 
 
 def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, max_chars: int = 10_000,
                queue_size: int = 64, rate_limit: float = 0, rate_burst: int = 20,
                body_timeout: float = 10) -> FastAPI:
-    """The API over already loaded (and warmed-up) `inference.Predictor`s, first one the default.
+    """The API over already loaded (and warmed-up) predictors of runs or exports, the first one the default.
 
     queue_size: requests that may wait per model (more: 503); rate_limit: requests per second
     per key (0: none), with bursts of rate_burst (more: 429); body_timeout: seconds a body
@@ -275,8 +272,8 @@ def create_app(predictors: dict, api_keys: list[str], *, max_texts: int = 64, ma
     batchers = {name: Batcher(p.predict, max_rows=max(p.batch_sizes[-1], max_texts), max_waiting=queue_size)
                 for name, p in predictors.items()}
     models = ModelList(models=[
-        ModelInfo(name=name, type=p.config.model.name, labels=list(p.label_names),
-                  checkpoint_step=p.checkpoint_step, metrics=run_metrics(p.workdir))
+        ModelInfo(name=name, type=p.kind, labels=list(p.label_names), checkpoint_step=p.checkpoint_step,
+                  metrics=scalar_metrics(p.metrics))
         for name, p in predictors.items()])
     default = next(iter(predictors))
 
@@ -353,18 +350,23 @@ def fail(message) -> None:
 
 
 def load_models(specs: list[str], checkpoint: str, batch_sizes: list[str] | None) -> dict:
-    """--model=NAME=WORKDIR specs -> name: warmed-up inference.Predictor (exits on bad input)."""
-    from sentiment_jax import checkpoints, inference
+    """--model=NAME=WORKDIR specs (runs or export folders) -> name: warmed-up predictor (exits on bad input)."""
+    from sentiment_jax import exported
 
+    errors = (MissingExtra, FileNotFoundError, ValueError, KeyError)
+    if not all(exported.is_export(spec.partition("=")[2]) for spec in specs):
+        from sentiment_jax import checkpoints  # only runs need the training code
+
+        errors += (checkpoints.CheckpointError,)
     predictors = {}
     for spec in specs:
         name, sep, workdir = spec.partition("=")
         if not sep or not name or not workdir or name in predictors:
             fail(f"--model={spec}: expected NAME=WORKDIR with a name not used before")
         try:
-            sizes = [int(b) for b in batch_sizes] if batch_sizes else inference.BATCH_SIZES
-            predictors[name] = inference.load(workdir, name=name, checkpoint=checkpoint, batch_sizes=sizes)
-        except (checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
+            sizes = [int(b) for b in batch_sizes] if batch_sizes else None
+            predictors[name] = exported.load_predictor(workdir, name=name, checkpoint=checkpoint, batch_sizes=sizes)
+        except errors as e:
             fail(f"--model={spec}: {e}")
         predictors[name].warmup()
         print(f"loaded {name}: {workdir} step {predictors[name].checkpoint_step}", flush=True)
@@ -399,15 +401,15 @@ def main(argv) -> None:
 def define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_multi_string("model", None, "NAME=WORKDIR of a trained run; repeat to serve several "
-                              "(the first is the default).", required=True)
-    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number, for every model.")
+    flags.DEFINE_multi_string("model", None, "NAME=WORKDIR of a trained run or an export folder; repeat to "
+                              "serve several (the first is the default).", required=True)
+    flags.DEFINE_string("checkpoint", "best", "best, latest or a step number, for every run (an export holds one).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
     flags.DEFINE_integer("port", 8000, "Port to listen on.")
     flags.DEFINE_string("api_keys_file", None, f"File with one API key per line (default: ${KEYS_ENV}).")
     flags.DEFINE_integer("max_texts", 64, "Most texts in one request (more: 413).")
     flags.DEFINE_integer("max_chars", 10_000, "Most characters in one text (more: 413).")
-    flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default inference.BATCH_SIZES).")
+    flags.DEFINE_list("batch_sizes", None, "Compiled batch buckets (default buckets.BATCH_SIZES).")
     flags.DEFINE_integer("queue_size", 64, "Requests that may wait for each model (more: 503 with Retry-After).",
                          lower_bound=1)
     flags.DEFINE_float("rate_limit", 0, "Requests per second allowed per API key (more: 429); 0: no limit.",

@@ -4,7 +4,8 @@ Three kinds share one interface (`encode(texts) -> list[np.ndarray]`, `vocab_siz
 a word-level vocabulary fitted on the training split only, the same words plus hashed
 character and word n-grams (fastText-style features, for the bag-of-embeddings model), and
 any Hugging Face `tokenizer.json` from a local folder. `spec()` is what the run's `encoder.json`
-holds; a Hugging Face tokenizer is saved beside it as a real `tokenizer.json`.
+holds; a Hugging Face tokenizer is saved beside it as a real `tokenizer.json`. `encode_windows`
+cuts a text into a frozen backbone's windows, each followed by the prompt template (verbalizer.py).
 """
 
 from __future__ import annotations
@@ -242,3 +243,53 @@ def pad(sequences: Sequence[np.ndarray], max_length: int, padding: str = "pre",
             else:
                 ids[i, :n] = seq
     return ids, lengths
+
+
+# ---------------------------------------------------------------------------------------
+# A frozen backbone's inputs: the text's word pieces in windows, each followed by a prompt template.
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. [CLS] and [SEP])."""
+    bare = tokenizer.encode("x", add_special_tokens=False).ids
+    full = tokenizer.encode("x", add_special_tokens=True).ids
+    start = next(i for i in range(len(full)) if full[i:i + len(bare)] == bare)
+    return full[:start], full[start + len(bare):]
+
+
+def encode_windows(tokenizer: HFTokenizer, texts: Sequence[str], template: str, max_length: int,
+                   windows: int = 1, truncation: str = "pre") -> tuple[list[np.ndarray], np.ndarray]:
+    """Rows of ids `[specials] window [template] [specials]` and, per row, the index of its text.
+
+    The text is truncated (`truncation='pre'` keeps its end) to what fits in `windows`
+    windows beside the template, then cut into full windows starting from the kept end; only
+    the one furthest from it can be shorter. A text's first row is therefore the same for
+    every `windows`, which lets `verbalizer.split_features` reuse the one-window features.
+    """
+    tok = tokenizer.tokenizer
+    before, after = _special_tokens(tok)
+    template = template.replace("{mask}", mask_token(tok))
+    suffix = tok.encode(template, add_special_tokens=False).ids if template else []
+    room = max_length - len(before) - len(after) - len(suffix)
+    if room < 1:
+        raise ValueError(f"data.max_length {max_length} leaves no room for text beside the template; raise it")
+    cleaned = [t.replace("<br />", " ") for t in texts]  # IMDB's line breaks
+    rows, owner = [], []
+    for i, enc in enumerate(tok.encode_batch(cleaned, add_special_tokens=False)):
+        ids = enc.ids
+        budget = room * windows
+        ids = ids[-budget:] if truncation == "pre" else ids[:budget]
+        n = len(ids)
+        if truncation == "pre":
+            spans = [(max(0, end - room), end) for end in range(n, 0, -room)]
+        else:
+            spans = [(start, min(n, start + room)) for start in range(0, n, room)]
+        for start, end in spans or [(0, 0)]:
+            rows.append(np.asarray(before + ids[start:end] + suffix + after, np.int32))
+            owner.append(i)
+    return rows, np.asarray(owner, np.int64)
+
+
+def mask_token(tok) -> str:
+    """The tokenizer's mask token, which `{mask}` in a template stands for."""
+    return next((t for t in ("[MASK]", "<mask>") if tok.token_to_id(t) is not None), "[MASK]")

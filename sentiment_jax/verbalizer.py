@@ -49,6 +49,7 @@ from sentiment_jax import input_pipeline
 from sentiment_jax import sharding
 from sentiment_jax import tokenization
 from sentiment_jax._extras import require
+from sentiment_jax.tokenization import encode_windows, mask_token
 from sentiment_jax.models import DTYPES
 from sentiment_jax.models import encoders
 
@@ -118,52 +119,6 @@ def load_backbone(cfg, folder: pathlib.Path | None = None) -> Backbone:
 # Text -> model inputs.
 
 
-def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a text (e.g. [CLS] and [SEP])."""
-    bare = tokenizer.encode("x", add_special_tokens=False).ids
-    full = tokenizer.encode("x", add_special_tokens=True).ids
-    start = next(i for i in range(len(full)) if full[i:i + len(bare)] == bare)
-    return full[:start], full[start + len(bare):]
-
-
-def encode_windows(tokenizer: tokenization.HFTokenizer, texts: Sequence[str], template: str, max_length: int,
-                   windows: int = 1, truncation: str = "pre") -> tuple[list[np.ndarray], np.ndarray]:
-    """Rows of ids `[specials] window [template] [specials]` and, per row, the index of its text.
-
-    The text is truncated (`truncation='pre'` keeps its end) to what fits in `windows`
-    windows beside the template, then cut into full windows starting from the kept end; only
-    the one furthest from it can be shorter. A text's first row is therefore the same for
-    every `windows`, which lets `split_features` reuse the one-window features.
-    """
-    tok = tokenizer.tokenizer
-    before, after = _special_tokens(tok)
-    template = template.replace("{mask}", mask_token(tok))
-    suffix = tok.encode(template, add_special_tokens=False).ids if template else []
-    room = max_length - len(before) - len(after) - len(suffix)
-    if room < 1:
-        raise ValueError(f"data.max_length {max_length} leaves no room for text beside the template; raise it")
-    cleaned = [t.replace("<br />", " ") for t in texts]  # IMDB's line breaks
-    rows, owner = [], []
-    for i, enc in enumerate(tok.encode_batch(cleaned, add_special_tokens=False)):
-        ids = enc.ids
-        budget = room * windows
-        ids = ids[-budget:] if truncation == "pre" else ids[:budget]
-        n = len(ids)
-        if truncation == "pre":
-            spans = [(max(0, end - room), end) for end in range(n, 0, -room)]
-        else:
-            spans = [(start, min(n, start + room)) for start in range(0, n, room)]
-        for start, end in spans or [(0, 0)]:
-            rows.append(np.asarray(before + ids[start:end] + suffix + after, np.int32))
-            owner.append(i)
-    return rows, np.asarray(owner, np.int64)
-
-
-def mask_token(tok) -> str:
-    """The tokenizer's mask token, which `{mask}` in a template stands for."""
-    return next((t for t in ("[MASK]", "<mask>") if tok.token_to_id(t) is not None), "[MASK]")
-
-
 def label_word_ids(tokenizer: tokenization.HFTokenizer, words: Sequence[str]) -> list[int]:
     """One token id per label word (as it follows a space); words that split into pieces are refused."""
     ids = []
@@ -227,6 +182,7 @@ class Extractor:
                 out["label_words"] = jax.nn.log_softmax(encoder.mlm_head(h, encoder.input_embedding()))[:, words]
             return out
 
+        self.pure_features = features  # (state, ids, mask) -> {pooling: [B, H]}, for export
         self.features = jax.jit(features, in_shardings=(state_sharding, self.batch_sharding, self.batch_sharding),
                                 out_shardings=sharding.replicated(mesh))
 

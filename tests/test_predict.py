@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sentiment_jax import inference, predict
+from sentiment_jax import exported, predict
 from sentiment_jax.data import DataError
 
 from conftest import REPO
@@ -76,7 +76,7 @@ def test_read_texts_errors_name_the_place(tmp_path, name, content, error):
 
 def test_predict_streams_chunks_in_order(monkeypatch, trained_runs, predictors):
     monkeypatch.setattr(predict, "CHUNK", 2)
-    monkeypatch.setattr(inference, "load", lambda workdir, checkpoint: predictors["lstm"])
+    monkeypatch.setattr(exported, "load_predictor", lambda workdir, checkpoint: predictors["lstm"])
     out = io.StringIO()
     texts = TEXTS + ["bad", "superb"]
     assert predict.predict(trained_runs["lstm"], iter(texts), out=out) == 5

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from sentiment_jax import data, ensemble, inference, interpret, predict, runs, serve, train
+from sentiment_jax import data, ensemble, export, exported, inference, interpret, predict, runs, serve, train
 from sentiment_jax.models import encoders
 from test_verbalizer import TEMPLATE, _tiny_bert
 
@@ -97,7 +97,13 @@ def interpreted(workdir, texts):
     return probs
 
 
+def exported_path(workdir, texts):
+    folder = export.export_run(workdir, workdir.parent / f"{workdir.name}_export")
+    return exported.load(folder, batch_sizes=(4,)).predict(texts)
+
+
 PATHS = {
+    "export": exported_path,
     "predict": predicted,
     "serve": served,
     "interpret": interpreted,
