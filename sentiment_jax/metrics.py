@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Sequence
 
@@ -50,6 +51,20 @@ def format_report(report: dict, label_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _tensorboardx_writer():
+    """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when it is
+    installed (seconds per process) only to accept torch tensors, which nothing here passes."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars to `metrics.jsonl` and TensorBoard event files (and Weights & Biases when
     `wandb_project` names a project); a no-op on processes other than 0."""
@@ -60,8 +75,7 @@ class MetricWriter:
         self._wandb = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _tensorboardx_writer()
         self._jsonl = open(workdir / "metrics.jsonl", "a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if wandb_project:  # imported only when asked for: an optional extra (check_wandb)

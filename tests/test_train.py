@@ -56,7 +56,7 @@ def ema_run(files, tmp_path_factory):
 
 
 def test_training_learns_and_writes_its_artifacts(reference_run):
-    workdir, result = reference_run
+    workdir, result, _ = reference_run
     assert result["accuracy"] > 0.8, result
     for name in ("config.json", "labels.json", "encoder.json", "metrics.jsonl", "result.json"):
         assert (workdir / name).is_file(), name
