@@ -43,6 +43,7 @@ def main():
     dataset = data_lib.load_dataset(cfg.data)
     texts = dataset.splits["test"].texts[:args.num]
     backbone = verbalizer.load_backbone(cfg.backbone)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, _ = verbalizer.encode_windows(backbone.tokenizer, texts, cfg.backbone.template, args.max_length)
     print(f"{len(rows)} reviews, mean {np.mean([len(r) for r in rows]):.0f} tokens, max_length {args.max_length}, "
           f"batch {args.batch_size}; jax {jax.__version__} on {jax.devices()[0].platform}, "
@@ -56,7 +57,6 @@ def main():
     def run_jax():
         return extractor(rows, args.batch_size, cfg.backbone.bucket_width)["mean"]
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = transformers.AutoModel.from_pretrained(verbalizer.resolve_folder(args.backbone)).eval().to(device)
     order = np.argsort([len(r) for r in rows], kind="stable")
 
