@@ -65,9 +65,12 @@ def main(argv):
             texts = argv[1:] or predict.read_texts(FLAGS.input, FLAGS.text_field)
             predict.predict(workdir, texts, checkpoint=FLAGS.checkpoint or cfg.eval.checkpoint)
         else:
-            # The run's own config; --config, if given, only places it on another mesh.
+            # The run's own config; --config, if given, only places it on another mesh and says whether
+            # to fit a temperature (eval.calibrate), neither of which changes the model.
+            given = FLAGS.config is not None
             train.evaluate(workdir, split=FLAGS.split or cfg.eval.split, which=FLAGS.checkpoint or cfg.eval.checkpoint,
-                           mesh_config=FLAGS.config.mesh if FLAGS.config is not None else None)
+                           mesh_config=FLAGS.config.mesh if given else None,
+                           calibrate=FLAGS.config.eval.calibrate if given else None)
     except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -238,12 +238,16 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
 
 
 def evaluate(workdir: str | pathlib.Path, *, split: str = "test", which: str | int = "best", mesh_config=None,
-             dataset: data_lib.Dataset | None = None) -> dict:
+             dataset: data_lib.Dataset | None = None, calibrate: bool | None = None) -> dict:
     """Eval-only: one checkpoint of the run (`runs.load`, on the current devices or `mesh_config`'s mesh)
-    reports a split of its own data, and the report is written to eval_<split>_<which>.json."""
+    reports a split of its own data, and the report is written to eval_<split>_<which>.json.
+    `calibrate` (default: the run's eval.calibrate) adds temperature scaling fitted on validation."""
     workdir = pathlib.Path(workdir)
     run = runs.load(workdir, which, mesh_config=mesh_config)
-    config_base.check_config(run.cfg)
+    if calibrate is not None:
+        run.cfg = run.cfg.copy_and_resolve_references()
+        run.cfg.eval.calibrate = calibrate
+    config_base.check_config(run.cfg)  # a refit run (trained on validation) refuses calibrate
     dataset = dataset or data_lib.load_dataset(run.cfg.data)
     if split not in dataset.splits:
         raise ValueError(f"unknown split '{split}'; choose one of {sorted(dataset.splits)}")

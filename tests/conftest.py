@@ -1,15 +1,36 @@
-"""Shared test setup: 8 simulated CPU devices, and the real data when it is present."""
+"""Shared test setup: 8 simulated CPU devices, one compilation cache for the whole test run, and the
+real data when it is present."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
-import pytest
+# The test programs are tiny, so compiling them is most of the suite's time: XLA skips LLVM's
+# optimisation passes (same results, slower code), and every process of one test run (pytest-xdist
+# workers, the command lines the tests start) shares a persistent compilation cache, so a program
+# compiled once is read back elsewhere. Set here, before JAX starts and before the workers start.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="sentiment_jax_test_compilation_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+                      XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip())
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Tests that compare 1 device against 8 need the 8 to exist before JAX starts.
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, on one CPU device (XLA_FLAGS holds only
+    the test flags, no device count), sharing the compilation cache."""
+    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, **extra}
 
 
 def data_root() -> pathlib.Path | None:
@@ -92,7 +113,7 @@ def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
     root = root / "tiny_runs"
     with FileLock(f"{root}.lock"):
         if not (root / "done").is_file():
-            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+            env = child_env()
             procs = {}
             for name, run in TINY_RUNS.items():
                 (root / f"{name}_data").mkdir(parents=True, exist_ok=True)

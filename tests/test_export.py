@@ -12,7 +12,7 @@ import pytest
 
 from sentiment_jax import export, exported, inference, train
 
-from conftest import REPO, TINY_RUNS, write_split
+from conftest import REPO, TINY_RUNS, child_env, write_split
 
 # Both length buckets of max_length 48 (32, 48), a text cut at max_length, an empty one; more than a batch.
 TEXTS = ["great good film", "awful, boring plot", "", "the movie was okay and the plot was fine " * 3,
@@ -85,7 +85,7 @@ def test_loading_an_export_imports_no_training_code(folders, verbalizer_folder, 
               f"for folder in {[str(f) for f in moved]!r}:\n"
               f"    print(json.dumps(exported.load(folder).predict({TEXTS!r}).tolist()))\n"
               "print(json.dumps(sorted(sys.modules)))")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     path = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout first
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": path},
                           capture_output=True, text=True, timeout=120)
@@ -101,9 +101,8 @@ def test_loading_an_export_imports_no_training_code(folders, verbalizer_folder, 
 
 
 def cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "sentiment_jax.main", "--mode=predict", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=child_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_the_predict_cli_takes_an_export_folder(folders):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from conftest import REPO, TINY_RUNS, tiny_flags
+from conftest import REPO, TINY_RUNS, child_env, tiny_flags
 
 # Runs the command line; with $HOLD_SAVE=<step>, that step's save (on orbax's background thread) touches
 # $HOLD_MARK just before it would be renamed into place, then waits, so the test can kill mid-save.
@@ -44,7 +44,7 @@ STEPS = 30
 
 def start(workdir: pathlib.Path, data_dir: pathlib.Path, cache: pathlib.Path, hold: int | None = None):
     """One training process, its output in <workdir>.<n>.log for the n-th start; shares compiled code via the cache."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = child_env()
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                HOLD_SAVE=str(hold or ""), HOLD_MARK=str(held_mark(workdir)))
     log = open(workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(f'{workdir.name}.*.log')))}.log", "w")

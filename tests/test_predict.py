@@ -12,15 +12,14 @@ import pytest
 from sentiment_jax import exported, predict
 from sentiment_jax.data import DataError
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 TEXTS = ["great good film", "awful, boring plot", "it was fine"]
 
 
 def cli(*args, stdin=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "sentiment_jax.main", "--mode=predict", *args], cwd=REPO,
-                          env=env, input=stdin, capture_output=True, text=True, timeout=120)
+                          env=child_env(), input=stdin, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_predicts_texts_given_as_arguments(trained_runs, predictors):

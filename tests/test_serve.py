@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sentiment_jax import serve
 
-from conftest import REPO, TINY_RUNS
+from conftest import REPO, TINY_RUNS, child_env
 
 KEYS = ("key-one", "key-two")
 
@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def start_server(args: list[str], log, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", serve.KEYS_ENV)}
+    env = {k: v for k, v in child_env().items() if k != serve.KEYS_ENV}
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "sentiment_jax.serve", *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)

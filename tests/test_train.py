@@ -85,6 +85,11 @@ def test_eval_only_equals_end_of_training_and_runs_on_another_device_count(files
         report = train.evaluate(workdir, which="latest", mesh_config=tiny_config(files, **{"mesh.num_devices": n}).mesh)
         assert report["confusion_matrix"] == in_memory["confusion_matrix"]
         assert report["loss"] == pytest.approx(in_memory["loss"], rel=1e-6)
+    # Temperature scaling asked for at eval time, on a run trained without it: predictions unchanged.
+    assert "temperature_scaling" not in report
+    scaled = train.evaluate(workdir, which="latest", calibrate=True)
+    assert scaled["confusion_matrix"] == in_memory["confusion_matrix"]
+    assert scaled["temperature_scaling"]["temperature"] > 0 and scaled["temperature_scaling"]["fitted_on"] == "validation"
 
 
 def test_a_saved_config_without_a_later_field_loads_with_its_default(reference_run, tmp_path):
