@@ -52,11 +52,12 @@ def sharded_fraction(tree) -> float:
     return split / sum(x.size for x in leaves)
 
 
-def test_fsdp_and_tensor_parallel_layouts_give_the_data_parallel_losses(files):
-    """Split contractions sum in another order: Adam at a modest rate keeps that at ~1e-5."""
+def test_tensor_parallel_and_hybrid_layouts_give_the_data_parallel_losses(files):
+    """Split contractions sum in another order: Adam at a modest rate keeps that at ~1e-5. (FSDP alone
+    trains a whole run in test_saved_on_eight_devices_restores_on_one_and_other_mesh_shapes.)"""
     cfg = tiny_config(files, **{"model.pooling": "mean_max", "model.head_sizes": (8,), "train.learning_rate": 1e-3})
     reference, _ = train_steps(config_base.set_layout(cfg, "dp"))
-    for layout in ("fsdp", "tp", (2, 2, 2)):
+    for layout in ("tp", (2, 2, 2)):
         if isinstance(layout, tuple):
             cfg.mesh.shape = layout
         else:
