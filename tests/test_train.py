@@ -250,10 +250,12 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["model"]["hidden_sizes"] == [8] and resolved["data"]["name"] == "csv"
     result = json.loads((tmp_path / "result.json").read_text())
-    evaluated = run_cli(f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=latest")
+    # --config in eval mode may ask for temperature scaling; the model stays the run's own.
+    evaluated = run_cli(f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=latest", "--config=configs/lstm.py",
+                        "--config.eval.calibrate=True")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     report = json.loads((tmp_path / "eval_test_latest.json").read_text())
-    assert report["accuracy"] == result["accuracy"]
+    assert report["accuracy"] == result["accuracy"] and report["temperature_scaling"]["temperature"] > 0
     assert "macro-F1" in evaluated.stdout and "confusion" in evaluated.stdout
 
     # A resume with a changed field fails in one line naming it, and writes nothing.
