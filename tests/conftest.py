@@ -8,7 +8,7 @@ import shutil
 import tempfile
 
 # The test programs are tiny, so compiling them is most of the suite's time: XLA skips LLVM's
-# optimisation passes (same results, slower code), and every process of one test run (pytest-xdist
+# optimisation passes (slower code; the suite passes either way), and every process of one test run (pytest-xdist
 # workers, the command lines the tests start) shares a persistent compilation cache, so a program
 # compiled once is read back elsewhere. Set here, before JAX starts and before the workers start.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
