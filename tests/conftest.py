@@ -27,10 +27,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment for a process a test starts: this one's, on one CPU device (XLA_FLAGS holds only
     the test flags, no device count), sharing the compilation cache."""
-    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, **extra}
+    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
 def data_root() -> pathlib.Path | None:

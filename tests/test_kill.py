@@ -42,11 +42,10 @@ RUN = {**TINY_RUNS["lstm"], "flags": {**TINY_RUNS["lstm"]["flags"], "checkpoint.
 STEPS = 30
 
 
-def start(workdir: pathlib.Path, data_dir: pathlib.Path, cache: pathlib.Path, hold: int | None = None):
-    """One training process, its output in <workdir>.<n>.log for the n-th start; shares compiled code via the cache."""
-    env = child_env()
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               HOLD_SAVE=str(hold or ""), HOLD_MARK=str(held_mark(workdir)))
+def start(workdir: pathlib.Path, data_dir: pathlib.Path, hold: int | None = None):
+    """One training process, its output in <workdir>.<n>.log for the n-th start; shares compiled code via the
+    test run's compilation cache (conftest.child_env)."""
+    env = {**child_env(), "HOLD_SAVE": str(hold or ""), "HOLD_MARK": str(held_mark(workdir))}
     log = open(workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(f'{workdir.name}.*.log')))}.log", "w")
     return subprocess.Popen([sys.executable, "-c", LAUNCHER, f"--workdir={workdir}", "--noplots",
                              *tiny_flags(data_dir, RUN)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -97,9 +96,9 @@ def final_state(workdir: pathlib.Path):
 
 
 def test_sigkilled_training_resumes_to_the_same_end_as_an_uninterrupted_run(tmp_path):
-    data_dir, cache = tmp_path / "data", tmp_path / "jax_cache"
+    data_dir = tmp_path / "data"
     data_dir.mkdir()
-    reference = start(tmp_path / "reference", data_dir, cache)
+    reference = start(tmp_path / "reference", data_dir)
     workdir = tmp_path / "killed"
     kills = []
 
@@ -110,28 +109,28 @@ def test_sigkilled_training_resumes_to_the_same_end_as_an_uninterrupted_run(tmp_
         kills.append(where)
 
     # 1. Inside a step early in epoch 1 (just after step 1 is logged).
-    proc = start(workdir, data_dir, cache)
+    proc = start(workdir, data_dir)
     wait_for(proc, lambda: logged_steps(workdir), "step 1")
     kill(proc, "in a step of epoch 1")
     # 2. During the asynchronous mid-epoch save of step 6: its folder is left half-written.
-    proc = start(workdir, data_dir, cache, hold=6)
+    proc = start(workdir, data_dir, hold=6)
     wait_for(proc, held_mark(workdir).is_file, "the save of step 6")
     kill(proc, "during the async save of step 6")
     assert [n.split(".")[0] for n in half_written(workdir)] == ["6"]
     held_mark(workdir).unlink()
     # 3. During the asynchronous save at the end of epoch 2 (the one with validation metrics).
-    proc = start(workdir, data_dir, cache, hold=20)
+    proc = start(workdir, data_dir, hold=20)
     wait_for(proc, held_mark(workdir).is_file, "the save of step 20")
     assert [n.split(".")[0] for n in half_written(workdir)] == ["20"]  # step 6's leftover was removed
     assert resumed_from(workdir, 2) == 3  # the step before the cut save
     kill(proc, "during the async save of step 20 (epoch end)")
     # 4. Inside a step of epoch 3, after the resumed run has gone past its checkpoint.
     seen = lines(workdir)
-    proc = start(workdir, data_dir, cache)
+    proc = start(workdir, data_dir)
     wait_for(proc, lambda: any(s >= 23 for s in logged_steps(workdir, seen)), "step 23")
     assert resumed_from(workdir, 3) == 18
     kill(proc, "in a step of epoch 3")
-    proc = start(workdir, data_dir, cache)
+    proc = start(workdir, data_dir)
     assert proc.wait(timeout=300) == 0, (workdir.parent / "killed.4.log").read_text()[-3000:]
     assert reference.wait(timeout=300) == 0, (tmp_path / "reference.0.log").read_text()[-3000:]
     assert 20 <= resumed_from(workdir, 4) < STEPS and not half_written(workdir)  # a save may have been in flight
