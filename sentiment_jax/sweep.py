@@ -184,7 +184,8 @@ def run_all(sweep_runs: list[Run], workdir: pathlib.Path) -> None:
 # Summaries.
 
 RUN_COLUMNS = ("name", "seed", "status", "trainable_params", "total_params", "val_accuracy", "val_macro_f1",
-               "test_accuracy", "test_macro_f1", "train_seconds", "examples_per_s", "error")
+               "test_accuracy", "test_macro_f1", "test_ece", "test_ece_scaled", "train_seconds", "examples_per_s",
+               "error")
 
 
 def run_row(run: Run, workdir: pathlib.Path) -> dict:
@@ -204,15 +205,17 @@ def run_row(run: Run, workdir: pathlib.Path) -> dict:
     row.update(status="done", trainable_params=result.get("trainable_params"),
                total_params=result.get("total_params"), val_accuracy=best.get("val/accuracy"),
                val_macro_f1=best.get("val/macro_f1"), test_accuracy=result["accuracy"],
-               test_macro_f1=result["macro_f1"],
+               test_macro_f1=result["macro_f1"], test_ece=result.get("ece"),
+               # After temperature scaling fitted on validation (eval.calibrate), else None.
+               test_ece_scaled=(result.get("temperature_scaling") or {}).get("ece"),
                train_seconds=sum(e["epoch_seconds"] for e in epochs),
                # The last epoch's rate: the first one also pays for compilation.
                examples_per_s=epochs[-1]["train/examples_per_s"] if epochs else None)
     return row
 
 
-MEAN_COLUMNS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "train_seconds",
-                "examples_per_s")
+MEAN_COLUMNS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "test_ece", "test_ece_scaled",
+                "train_seconds", "examples_per_s")
 
 
 def group_rows(rows: list[dict], compare: bool = True, metric: str = "accuracy") -> list[dict]:
@@ -258,6 +261,12 @@ def _cell(group: dict, column: str, scale: float = 1.0, digits: int = 2) -> str:
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
+def _ece_cell(group: dict) -> str:
+    """Test ECE, and after temperature scaling where the runs fitted one."""
+    scaled = group.get("test_ece_scaled")
+    return _cell(group, "test_ece", 1, 3) + ("" if scaled is None else f" → {_cell(group, 'test_ece_scaled', 1, 3)}")
+
+
 def add_significance(groups: list[dict], workdir: pathlib.Path) -> None:
     """Sets `vs_best` of each configuration tested on the best one's test examples: metrics.paired_difference
     of its first finished seed minus the best's."""
@@ -287,15 +296,15 @@ def behaviour_table(groups: list[dict], workdir: pathlib.Path, suite: str) -> st
 def markdown_table(groups: list[dict]) -> str:
     compare = any(g["best"] for g in groups)
     lines = ["| run | seeds | trainable / total params | val acc % | test acc % | test macro-F1 | "
-             "train s | train ex/s |" + (f" {metrics.SIGNIFICANCE_HEADER} |" if compare else ""),
-             "|" + " --- |" * (11 if compare else 8)]
+             "test ECE (→ after T) | train s | train ex/s |" + (f" {metrics.SIGNIFICANCE_HEADER} |" if compare else ""),
+             "|" + " --- |" * (12 if compare else 9)]
     for g in groups:
         params = (f"{g['trainable_params']:,} / {g['total_params']:,}" if g["trainable_params"] is not None
                   else "–")
         name = f"**{g['name']}** (best)" if g["best"] else g["name"]
         seeds = f"{g['seeds']}/{g['runs']}" + ("" if g["seeds"] == g["runs"] else " (see failures)")
         lines.append(f"| {name} | {seeds} | {params} | {_cell(g, 'val_accuracy', 100)} | "
-                     f"{_cell(g, 'test_accuracy', 100)} | {_cell(g, 'test_macro_f1', 1, 4)} | "
+                     f"{_cell(g, 'test_accuracy', 100)} | {_cell(g, 'test_macro_f1', 1, 4)} | {_ece_cell(g)} | "
                      f"{_cell(g, 'train_seconds', 1, 0)} | {_cell(g, 'examples_per_s', 1, 0)} |" +
                      (f" {metrics.significance_cell(g.get('vs_best'))} | "
                       f"{metrics.significance_cell(g.get('vs_best'), 'macro_f1')} | {metrics.p_cell(g.get('vs_best'))} |"

@@ -64,6 +64,7 @@ def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatc
     for row in done.values():
         result = runs.read_result(workdir / row["folder"])
         assert row["test_accuracy"] == result["accuracy"] and row["trainable_params"] == result["trainable_params"]
+        assert row["test_ece"] == result["ece"] and row["test_ece_scaled"] == result["temperature_scaling"]["ece"]
         assert row["train_seconds"] > 0 and row["examples_per_s"] > 0
     failed = [r for r in summary["runs"] if r["status"] == "failed"]
     assert len(failed) == 2 and all("missing.csv" in r["error"] for r in failed)
@@ -73,6 +74,8 @@ def test_sweep_summarises_marks_best_and_records_failures(tiny_sweep, monkeypatc
     assert lstm["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     table = (workdir / "summary.md").read_text()
     assert "**lstm** (best)" in table and "0/2 (see failures)" in table and "broken/seed_0" in table
+    ece = f"{lstm['test_ece']:.3f} ± {lstm['test_ece_std']:.3f} → {lstm['test_ece_scaled']:.3f}"
+    assert ece in next(line for line in table.splitlines() if line.startswith("| **lstm**"))
     assert "## Behavioural tests" in table and summary["behaviour"] in table
     assert len(list(csv.DictReader((workdir / "summary.csv").open()))) == 4
     assert json.loads((workdir / "summary.json").read_text()) == summary
