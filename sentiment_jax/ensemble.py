@@ -6,6 +6,8 @@ Models of different families (an n-gram model, a recurrent one) make different m
 mean of their probabilities can beat each of them. Fix the members and the weights before looking
 at test: equal weights here, so there is nothing to fit. Every member must be a run on the same
 dataset (same split texts, labels and class names), and each reads its own tokenizer and checkpoint.
+A member whose eval of the same checkpoint saved its predictions on the same texts (every finished
+run has them for test) is not predicted again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from sentiment_jax import checkpoints, inference, metrics
+from sentiment_jax import checkpoints, inference, metrics, runs
 from sentiment_jax import data as data_lib
 from sentiment_jax._extras import MissingExtra
 
@@ -41,9 +43,12 @@ def mean_probabilities(workdirs: Sequence[str | pathlib.Path], split: str = "tes
         elif (predictor.label_names, texts) != reference[:2] or not np.array_equal(labels, reference[2]):
             raise ValueError(f"{workdir}: its {split} split or class names differ from those of {reference[3]}; "
                              "ensemble runs of the same dataset")
-        probs = predictor.predict(texts)
+        # An eval of this very checkpoint on these texts saved its predictions: no need to predict again.
+        saved = runs.saved_predictions(workdir, split, checkpoint, predictor.checkpoint_step, texts)
+        probs = saved["probabilities"] if saved is not None else predictor.predict(texts)
         report = metrics.classification_report(labels, probs.argmax(-1), predictor.label_names)
         members.append({"workdir": str(workdir), "checkpoint_step": predictor.checkpoint_step,
+                        "predictions": "saved" if saved is not None else "computed",
                         "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "probabilities": probs})
         total = probs if total is None else total + probs
     label_names, _, labels, _ = reference

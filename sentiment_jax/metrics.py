@@ -248,6 +248,17 @@ def save_predictions(file: pathlib.Path, labels: np.ndarray, probs: np.ndarray, 
     os.replace(tmp, file)
 
 
+def texts_digest(texts: Sequence[str]) -> str:
+    """A fingerprint of a split's texts, kept in its eval report, so saved predictions are reused
+    only for the very texts they were made from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
 def load_predictions(file: pathlib.Path) -> dict:
     """{"labels" [N], "probabilities" [N, K], "label_names"} as save_predictions wrote them."""
     if not pathlib.Path(file).is_file():

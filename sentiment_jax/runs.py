@@ -301,6 +301,22 @@ def read_predictions(workdir: str | pathlib.Path) -> dict | None:
     return metrics.load_predictions(file) if file.is_file() else None
 
 
+def saved_predictions(workdir: str | pathlib.Path, split: str, checkpoint: str | int, step: int,
+                      texts: Sequence[str]) -> dict | None:
+    """The predictions an eval of `split` with `checkpoint` saved, if that eval scored checkpoint `step`
+    on exactly these texts; else None (predict again)."""
+    workdir = pathlib.Path(workdir)
+    file = workdir / f"predictions_{split}_{checkpoint}.npz"
+    try:
+        report = json.loads((workdir / f"eval_{split}_{checkpoint}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (report.get("checkpoint_step") != step or report.get("texts_sha256") != metrics.texts_digest(texts)
+            or not file.is_file()):
+        return None
+    return metrics.load_predictions(file)
+
+
 def write_report(workdir: pathlib.Path, name: str, report: dict) -> None:
     """`result.json` or `eval_<split>_<checkpoint>.json`."""
     write_atomic(workdir / name, json.dumps(report, indent=2))

@@ -254,7 +254,8 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", which: str | i
     encoded = encode_splits(run.cfg, dataset, run.encoder, workdir)
     report, probs = evaluate_split(run.cfg, run.predict_step, run.params, run.rest, encoded[split], run.label_names,
                                    run.batch_sharding, desc=f"eval {split}")
-    report.update({"split": split, "checkpoint_step": run.step, "checkpoint": str(which)})
+    report.update({"split": split, "checkpoint_step": run.step, "checkpoint": str(which),
+                   "texts_sha256": metrics_lib.texts_digest(dataset.splits[split].texts)})
     validation = None
     if run.cfg.eval.calibrate:  # a temperature fitted on validation, reported on `split`
         _, val_probs = evaluate_split(run.cfg, run.predict_step, run.params, run.rest, encoded["validation"],

@@ -60,3 +60,23 @@ def test_ensemble_rows_are_compared_with_the_best_on_the_same_examples(trained_r
         assert s["mcnemar_p"] == pytest.approx(p)
         assert s["accuracy"]["difference"] == pytest.approx(right[name].mean() - right[best].mean())
     json.dumps(report)  # what --output writes
+
+
+def test_saved_predictions_are_reused_only_for_the_same_checkpoint_and_texts(trained_runs, tmp_path):
+    import shutil
+
+    names = ("lstm", "transformer")
+    report = ensemble.ensemble([trained_runs[n] for n in names], split="test")
+    assert [m["predictions"] for m in report["members"]] == ["saved", "saved"]
+    copies = [shutil.copytree(trained_runs[n], tmp_path / n) for n in names]
+    for copy, field, stale in zip(copies, ("texts_sha256", "checkpoint_step"), ("0" * 20, -1)):
+        # The saved eval scored other texts, or another checkpoint than the one loaded now; its
+        # predictions are also made wrong, so reading them would change the figures.
+        eval_file = copy / "eval_test_best.json"
+        eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), field: stale}))
+        with np.load(copy / "predictions_test_best.npz") as z:
+            np.savez(copy / "predictions_test_best.npz", **{**z, "probabilities": z["probabilities"][:, ::-1]})
+    again = ensemble.ensemble(copies, split="test")
+    assert [m["predictions"] for m in again["members"]] == ["computed", "computed"]
+    assert again["accuracy"] == report["accuracy"] and again["macro_f1"] == report["macro_f1"]
+    assert [m["accuracy"] for m in again["members"]] == [m["accuracy"] for m in report["members"]]
