@@ -297,18 +297,22 @@ def read_predictions(workdir: str | pathlib.Path) -> dict | None:
     result = read_result(workdir)
     if result is None:
         return None
-    file = pathlib.Path(workdir) / f"predictions_{result['split']}_{result['checkpoint']}.npz"
+    file = predictions_file(workdir, result["split"], result["checkpoint"])
     return metrics.load_predictions(file) if file.is_file() else None
+
+
+def predictions_file(workdir: str | pathlib.Path, split: str, checkpoint: str | int) -> pathlib.Path:
+    """Where an eval of `split` with `checkpoint` saved its per-example predictions (metrics.test_time_additions)."""
+    return pathlib.Path(workdir) / f"predictions_{split}_{checkpoint}.npz"
 
 
 def saved_predictions(workdir: str | pathlib.Path, split: str, checkpoint: str | int, step: int,
                       texts: Sequence[str]) -> dict | None:
     """The predictions an eval of `split` with `checkpoint` saved, if that eval scored checkpoint `step`
     on exactly these texts; else None (predict again)."""
-    workdir = pathlib.Path(workdir)
-    file = workdir / f"predictions_{split}_{checkpoint}.npz"
+    file = predictions_file(workdir, split, checkpoint)
     try:
-        report = json.loads((workdir / f"eval_{split}_{checkpoint}.json").read_text())
+        report = json.loads((pathlib.Path(workdir) / f"eval_{split}_{checkpoint}.json").read_text())
     except (OSError, ValueError):
         return None
     if (report.get("checkpoint_step") != step or report.get("texts_sha256") != metrics.texts_digest(texts)
