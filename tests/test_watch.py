@@ -91,6 +91,20 @@ def test_tensorboard_holds_learning_rate_step_loss_hparams_and_confusion_images(
     assert len(set(np.asarray(image.convert("L")).ravel().tolist())) > 10  # drawn, not blank
 
 
+def test_the_tensorboard_viewer_reads_the_logs(trained):
+    """The `tensorboard` extra's own loader (what its web page reads) sees the scalars, images and hparams."""
+    pytest.importorskip("tensorboard", reason="the viewer is the `tensorboard` extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = trained
+    loaded = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = loaded.Tags()
+    assert {"train/learning_rate", "train/step_loss", "val/accuracy"} <= set(tags["scalars"])
+    assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
+    assert len(loaded.Scalars("train/step_loss")) == STEPS_PER_EPOCH * EPOCHS
+    assert "_hparams_/session_start_info" in loaded.PluginTagToContent("hparams")
+
+
 def test_training_ends_with_curves_and_confusion_pngs(trained):
     workdir, done = trained
     line, = [l for l in done.stdout.splitlines() if l.startswith("figures: ")]
