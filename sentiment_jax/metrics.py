@@ -78,9 +78,8 @@ class MetricWriter:
         SummaryWriter = _tensorboardx_writer()
         self._jsonl = open(workdir / "metrics.jsonl", "a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
-        if wandb_project:  # imported only when asked for: an optional extra (check_wandb)
-            import wandb
-
+        if wandb_project:  # imported only when asked for: an optional extra
+            wandb = require("wandb", "wandb")
             self._wandb = wandb.init(project=wandb_project, name=workdir.name, dir=str(workdir), config=config)
 
     def write(self, step: int, scalars: dict, **extra) -> None:
@@ -120,8 +119,7 @@ class MetricWriter:
         self._tb.add_image(f"{tag}/confusion_matrix", image, int(step))
         self._tb.flush()
         if self._wandb is not None:
-            import wandb
-
+            wandb = sys.modules["wandb"]
             self._wandb.log({f"{tag}/confusion_matrix": wandb.Image(image.transpose(1, 2, 0))}, step=int(step))
 
     def close(self) -> None:
