@@ -156,8 +156,10 @@ class Admission:
     """ASGI middleware that turns a request away before the app parses anything.
 
     In order: on /v1 a valid key (401) within its rate limit (429), decided on the headers
-    alone; then the whole body within `max_bytes` (413) and `body_timeout` seconds (408).
-    Refusals close the connection, so a body nobody will read is not received.
+    alone; then the whole body within `max_bytes` (413, from Content-Length before any of it is
+    read) and `body_timeout` seconds (408). Only /v1 takes a body: elsewhere (/healthz, the
+    docs) any body is a 413, so nobody without a key gets bytes buffered. Refusals close the
+    connection, so a body nobody will read is not received.
     """
 
     def __init__(self, app, keys: list[bytes], rate_limit: RateLimit | None, max_bytes: int, body_timeout: float):
@@ -168,11 +170,16 @@ class Admission:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            if scope["path"].startswith("/v1/"):
+            keyed = scope["path"].startswith("/v1/")
+            if keyed:
                 self.check_key(scope)
+            limit = self.max_bytes if keyed else 0
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > limit:
+                raise HTTPException(413, self.too_large(limit))
             try:
                 async with asyncio.timeout(self.body_timeout):
-                    body = await self.read_body(receive)
+                    body = await self.read_body(receive, limit)
             except TimeoutError:
                 raise HTTPException(408, f"the body did not arrive within {self.body_timeout:g} s") from None
         except HTTPException as e:
@@ -201,7 +208,11 @@ class Admission:
             raise HTTPException(429, "over this key's rate limit; retry later",
                                 headers={"Retry-After": str(math.ceil(wait))})
 
-    async def read_body(self, receive) -> bytes | None:
+    @staticmethod
+    def too_large(limit: int) -> str:
+        return f"request body over {limit} bytes" if limit else "this path takes no request body"
+
+    async def read_body(self, receive, limit: int) -> bytes | None:
         """The whole body, or None if the client disconnected first."""
         chunks, size, more = [], 0, True
         while more:
@@ -211,8 +222,8 @@ class Admission:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.max_bytes:
-                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            if size > limit:
+                raise HTTPException(413, self.too_large(limit))
         return b"".join(chunks)
 
 

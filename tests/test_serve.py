@@ -204,8 +204,8 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=20)
 
 
-def request_head(key: str = KEYS[0], length: int = 0, extra: str = "") -> bytes:
-    return (f"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+def request_head(key: str = KEYS[0], length: int = 0, extra: str = "", path: str = "/v1/predict") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"{serve.KEY_HEADER}: {key}\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
 
 
@@ -228,6 +228,20 @@ def test_a_wrong_key_gets_401_before_the_body_is_sent(server):
         status, body = status_and_json(read_until_closed(sock))
     assert status == 401 and "API key" in body["detail"]
     assert time.perf_counter() - t0 < BODY_TIMEOUT  # not a body timeout: it never waited for the body
+
+
+@pytest.mark.parametrize("path, length, detail", [
+    ("/healthz", 10_000_000, "takes no request body"),  # no key needed there, so no body either
+    ("/no/such/path", 10_000_000, "takes no request body"),
+    ("/v1/predict", 10**12, "request body over"),  # a valid key, but a body far over the limit
+])
+def test_a_body_that_will_not_be_read_is_refused_before_it_is_sent(server, path, length, detail):
+    with connect(server[0]) as sock:
+        sock.sendall(request_head(length=length, path=path))  # announces the body, sends none of it
+        t0 = time.perf_counter()
+        status, body = status_and_json(read_until_closed(sock))
+    assert status == 413 and detail in body["detail"]
+    assert time.perf_counter() - t0 < BODY_TIMEOUT
 
 
 def test_a_trickling_body_gets_408_while_others_are_answered(server, client):
