@@ -67,17 +67,19 @@ def _tensorboardx_writer():
 
 class MetricWriter:
     """Scalars to `metrics.jsonl` and TensorBoard event files (and Weights & Biases when
-    `wandb_project` names a project); a no-op on processes other than 0."""
+    `wandb_project` names a project); a no-op on processes other than 0. `first_step` is the
+    first step this process logs: TensorBoard hides what an earlier, killed attempt logged from
+    there on, as metrics.jsonl drops it (runs.keep_metrics_until)."""
 
     def __init__(self, workdir: pathlib.Path, enabled: bool = True, wandb_project: str = "",
-                 config: dict | None = None):
+                 config: dict | None = None, first_step: int | None = None):
         self.enabled = enabled
         self._wandb = None
         if not enabled:
             return
         SummaryWriter = _tensorboardx_writer()
         self._jsonl = open(workdir / "metrics.jsonl", "a")
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=first_step)
         if wandb_project:  # imported only when asked for: an optional extra
             wandb = require("wandb", "wandb")
             self._wandb = wandb.init(project=wandb_project, name=workdir.name, dir=str(workdir), config=config)

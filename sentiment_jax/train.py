@@ -111,6 +111,7 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         mngr = checkpoints.manager(workdir, cfg.checkpoint)
         stack.callback(mngr.close)
         meta = {"epoch_sums": {k: 0.0 for k in steps.METRIC_KEYS}, "epoch_seconds": 0.0}
+        step = 0
         if resume:
             step = mngr.latest_step()
             meta = checkpoints.restore(mngr, step, meta=None)["meta"]
@@ -120,10 +121,11 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
             state = state_lib.state_from_items(restored["model"], restored["train"])
             logging.info("resumed from step %d", step)
             if is_main:
-                runs.keep_metrics_until(workdir, step)
                 print(f"resuming from checkpoint step {step}", flush=True)
+        if is_main:  # what a killed attempt logged past the checkpoint (or before the first one) is redone
+            runs.keep_metrics_until(workdir, step)
         writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.wandb_project,
-                                          config=cfg.to_dict())
+                                          config=cfg.to_dict(), first_step=step + 1)
         stack.callback(writer.close)
         writer.hparams(cfg.to_dict(), ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"])
         if not int(state.step):
