@@ -41,6 +41,27 @@ def test_every_dependency_is_locked_at_a_version_inside_its_range():
     assert pins["torch"] == "2.13.0"  # no local label: the same line picks the CPU build where it is at hand
 
 
+def test_every_locked_package_is_still_needed():
+    """The other way round: each pin traces back, through pip-compile's `# via` notes, to pyproject.toml,
+    so a dependency dropped there cannot stay locked and installed."""
+    via, name = {}, None
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith((" ", "#")):
+            name = canonicalize_name(line.partition("==")[0])
+            via[name] = set()
+        elif name and line.strip().startswith("#") and line.strip() != "# via":
+            parent = line.strip().removeprefix("#").strip().removeprefix("via").strip()
+            via[name].add(parent if "(" in parent else canonicalize_name(parent))
+    direct = {canonicalize_name(r.name) for r in REQUIREMENTS}
+    for name, parents in via.items():
+        if "sentiment_jax (pyproject.toml)" in parents:
+            assert name in direct, f"{name} is locked for pyproject.toml, which no longer asks for it; run make lock"
+    needed = {n for n, parents in via.items() if "sentiment_jax (pyproject.toml)" in parents}
+    while grown := {n for n, parents in via.items() if n not in needed and parents & needed}:
+        needed |= grown
+    assert set(via) == needed, f"locked but needed by nothing: {sorted(set(via) - needed)}; run make lock"
+
+
 def test_core_ranges_keep_an_installed_jax_of_either_series():
     jax = next(r for r in REQUIREMENTS if r.name == "jax")
     for installed in ("0.10.0", "0.10.2", "0.11.0", "0.11.3"):
