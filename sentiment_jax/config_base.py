@@ -279,13 +279,9 @@ def choices() -> dict[str, list[str]]:
     }
 
 
-ABSENT = object()
-
-
 def get_field(cfg, field: str):
-    """cfg's value at a dotted field name, or ABSENT (a run saved before the field existed: the code's
-    default applies, so there is nothing to check)."""
-    return functools.reduce(lambda c, k: c[k] if c is not ABSENT and k in c else ABSENT, field.split("."), cfg)
+    """cfg's value at a dotted field name."""
+    return functools.reduce(lambda c, k: c[k], field.split("."), cfg)
 
 
 def check_config(cfg) -> None:
@@ -294,17 +290,17 @@ def check_config(cfg) -> None:
     does not fit the devices, or fields that do not go together."""
     for field, allowed in choices().items():
         value = get_field(cfg, field)
-        if value is not ABSENT and value not in allowed:
+        if value not in allowed:
             raise ValueError(f"unknown {field} '{value}'; choose one of {allowed}")
     for field, valid in RANGES.items():
         value = get_field(cfg, field)
-        for v in value if isinstance(value, (list, tuple)) else () if value is ABSENT else (value,):
+        for v in value if isinstance(value, (list, tuple)) else (value,):
             if not valid.admits(v):
                 raise ValueError(f"{field} must be {valid}, got {value!r}")
-    refit = get_field(cfg, "data.train_on_validation")
-    if refit is not ABSENT and not isinstance(refit, bool):
+    refit = cfg.data.train_on_validation
+    if not isinstance(refit, bool):
         raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
-    if refit is True and get_field(cfg, "eval.calibrate") is True:
+    if refit and cfg.eval.calibrate is True:
         raise ValueError("eval.calibrate fits a temperature on validation, which data.train_on_validation trains "
                          "on; turn one of them off")
     if cfg.data.name == "nusax_senti":
@@ -316,8 +312,8 @@ def check_config(cfg) -> None:
 
 
 def check_pretrain(cfg) -> None:
-    embeddings = get_field(cfg, "pretrain.embeddings")
-    if embeddings not in (ABSENT, "none") and cfg.data.tokenizer.kind != "word":
+    embeddings = cfg.pretrain.embeddings
+    if embeddings != "none" and cfg.data.tokenizer.kind != "word":
         raise ValueError(f"pretrain.embeddings '{embeddings}' needs data.tokenizer.kind 'word', "
                          f"not '{cfg.data.tokenizer.kind}'")
 
