@@ -334,7 +334,7 @@ def write(results: Sequence[Scored], tests: list[dict], suite: dict, seed: int, 
 
 def suite_for(cfg) -> str:
     """The suite of a run's language: NusaX runs use theirs when the suite exists, everything else english."""
-    language = cfg.data.get("language") if cfg.data.name == "nusax_senti" else "english"
+    language = cfg.data.language if cfg.data.name == "nusax_senti" else "english"
     return language if (SUITES / f"{language}.json").is_file() else "english"
 
 

@@ -258,7 +258,7 @@ RANGES = {
 
 def choices() -> dict[str, list[str]]:
     """The allowed values of every field that names one of several things."""
-    from sentiment_jax import data, models
+    from sentiment_jax import data, models, verbalizer
 
     return {
         "data.name": sorted(data.SOURCES),
@@ -271,6 +271,8 @@ def choices() -> dict[str, list[str]]:
         "model.lstm_backend": list(models.recurrent.BACKENDS),
         "model.bag_weights": ["uniform", "idf"],
         "model.bag_norm": ["l1", "l2"],
+        "model.positions": list(models.transformer.POSITIONS),
+        "backbone.pooling": [*verbalizer.POOLINGS, "label_words"],
         "train.loss": ["softmax", "sigmoid"],
         "train.schedule": ["cosine", "linear", "constant"],
         "train.class_weights": ["none", "balanced"],
@@ -279,13 +281,9 @@ def choices() -> dict[str, list[str]]:
     }
 
 
-ABSENT = object()
-
-
 def get_field(cfg, field: str):
-    """cfg's value at a dotted field name, or ABSENT (a run saved before the field existed: the code's
-    default applies, so there is nothing to check)."""
-    return functools.reduce(lambda c, k: c[k] if c is not ABSENT and k in c else ABSENT, field.split("."), cfg)
+    """cfg's value at a dotted field name."""
+    return functools.reduce(lambda c, k: c[k], field.split("."), cfg)
 
 
 def check_config(cfg) -> None:
@@ -294,30 +292,99 @@ def check_config(cfg) -> None:
     does not fit the devices, or fields that do not go together."""
     for field, allowed in choices().items():
         value = get_field(cfg, field)
-        if value is not ABSENT and value not in allowed:
+        if value not in allowed:
             raise ValueError(f"unknown {field} '{value}'; choose one of {allowed}")
     for field, valid in RANGES.items():
         value = get_field(cfg, field)
-        for v in value if isinstance(value, (list, tuple)) else () if value is ABSENT else (value,):
+        for v in value if isinstance(value, (list, tuple)) else (value,):
             if not valid.admits(v):
                 raise ValueError(f"{field} must be {valid}, got {value!r}")
-    refit = get_field(cfg, "data.train_on_validation")
-    if refit is not ABSENT and not isinstance(refit, bool):
+    refit = cfg.data.train_on_validation
+    if not isinstance(refit, bool):
         raise ValueError(f"data.train_on_validation must be True or False, got {refit!r}")
-    if refit is True and get_field(cfg, "eval.calibrate") is True:
+    if refit and cfg.eval.calibrate is True:
         raise ValueError("eval.calibrate fits a temperature on validation, which data.train_on_validation trains "
                          "on; turn one of them off")
     if cfg.data.name == "nusax_senti":
         from sentiment_jax import data
 
         data.nusax_train_languages(cfg.data)
+    check_tokenizer(cfg)
+    check_model(cfg)
+    check_backbone(cfg)
     check_pretrain(cfg)
     check_mesh(cfg)
 
 
+def check_tokenizer(cfg) -> None:
+    t = cfg.data.tokenizer
+    if len(t.char_ngrams) != 2 or t.char_ngrams[0] > t.char_ngrams[1]:
+        raise ValueError(f"data.tokenizer.char_ngrams must be (shortest, longest), e.g. (3, 5), got {t.char_ngrams!r}")
+    if cfg.data.inputs == "tokens" and t.kind == "huggingface" and not t.path:
+        raise ValueError("data.tokenizer.kind 'huggingface' needs a folder with tokenizer.json; "
+                         "set --config.data.tokenizer.path=FOLDER")
+
+
+def check_model(cfg) -> None:
+    """The model's fields agree with each other, so building the model cannot fail after the data is read."""
+    from sentiment_jax.models import recurrent, transformer
+
+    m = cfg.model
+    poolings = {"transformer": transformer.POOLINGS, **dict.fromkeys(recurrent.CELLS, recurrent.POOLINGS)}
+    if m.name in poolings and m.pooling not in poolings[m.name]:
+        raise ValueError(f"unknown model.pooling '{m.pooling}' for model.name '{m.name}'; "
+                         f"choose one of {list(poolings[m.name])}")
+    if m.name in recurrent.CELLS:
+        check_recurrent(m)
+    if m.name == "transformer":
+        check_transformer(m, cfg.data.max_length)
+
+
+def check_recurrent(m) -> None:
+    if not m.hidden_sizes:
+        raise ValueError("model.hidden_sizes needs at least one layer size, got (); "
+                         "e.g. --config.model.hidden_sizes=128,")
+    bi = m.bidirectional
+    if not isinstance(bi, bool) and not (isinstance(bi, (list, tuple)) and len(bi) == len(m.hidden_sizes)
+                                         and all(isinstance(b, bool) for b in bi)):
+        raise ValueError(f"model.bidirectional must be True, False or one bool per layer of model.hidden_sizes "
+                         f"{tuple(m.hidden_sizes)}, got {bi!r}")
+    if m.lstm_backend == "cudnn" and m.name != "lstm":
+        raise ValueError(f"model.lstm_backend 'cudnn' runs LSTM cells only, not model.name '{m.name}'; "
+                         "set --config.model.lstm_backend=scan")
+
+
+def check_transformer(m, max_length: int) -> None:
+    """Learned positions are a table of model.max_positions rows: a longer input would index past it
+    (NaN logits), and pooling 'cls' puts one more token in front."""
+    if m.head_sizes:
+        raise ValueError(f"model.head_sizes {tuple(m.head_sizes)!r} is not used by the transformer (its head is "
+                         "one linear layer); leave it ()")
+    if m.embed_dim % m.num_heads or m.embed_dim % 2:
+        raise ValueError(f"model.embed_dim {m.embed_dim} must be even and divisible by model.num_heads "
+                         f"{m.num_heads}; change one of them")
+    needed = max_length + (m.pooling == "cls")
+    if m.positions == "learned" and m.max_positions < needed:
+        raise ValueError(f"model.max_positions {m.max_positions} is too few for data.max_length {max_length}"
+                         f"{' plus the CLS token' if m.pooling == 'cls' else ''}; set it to at least {needed}")
+
+
+def check_backbone(cfg) -> None:
+    b = cfg.backbone
+    if b.pooling == "label_words" and not b.label_words:
+        raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class; "
+                         "e.g. --config.backbone.label_words=bad,good")
+    if b.label_words and "{mask}" not in b.template:
+        raise ValueError(f"backbone.label_words are scored at a {{mask}} in backbone.template, which has none "
+                         f"({b.template!r}); e.g. --config.backbone.template=' All in all, it was {{mask}}.'")
+    if cfg.data.inputs == "backbone_features" and cfg.data.bucket_width:
+        raise ValueError(f"data.bucket_width must be 0 for backbone features (they have a fixed width), "
+                         f"got {cfg.data.bucket_width}")
+
+
 def check_pretrain(cfg) -> None:
-    embeddings = get_field(cfg, "pretrain.embeddings")
-    if embeddings not in (ABSENT, "none") and cfg.data.tokenizer.kind != "word":
+    embeddings = cfg.pretrain.embeddings
+    if embeddings != "none" and cfg.data.tokenizer.kind != "word":
         raise ValueError(f"pretrain.embeddings '{embeddings}' needs data.tokenizer.kind 'word', "
                          f"not '{cfg.data.tokenizer.kind}'")
 

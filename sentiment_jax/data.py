@@ -143,7 +143,7 @@ def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
 
     With `data.unlabeled`, also train/unsup's 50k unlabelled reviews, as split "unlabeled".
     """
-    path = find_imdb(cfg.get("path"), download=cfg.get("download", True))
+    path = find_imdb(cfg.path, download=cfg.download)
     label_names = ("neg", "pos")
     texts = {"train": [], "test": []}
     labels = {"train": [], "test": []}
@@ -158,12 +158,12 @@ def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
         if split in texts and label in label_names:
             texts[split].append(_check_text(_decode(raw, where), where))
             labels[split].append(label_names.index(label))
-        elif split == "train" and label == "unsup" and cfg.get("unlabeled"):
+        elif split == "train" and label == "unsup" and cfg.unlabeled:
             unlabeled.append(_check_text(_decode(raw, where), where))
 
     if path.is_dir():
         for split in texts:
-            for label in label_names + (("unsup",) if split == "train" and cfg.get("unlabeled") else ()):
+            for label in label_names + (("unsup",) if split == "train" and cfg.unlabeled else ()):
                 for f in sorted((path / split / label).glob("*.txt")):
                     add(f"aclImdb/{split}/{label}/{f.name}", f.read_bytes())
     else:
@@ -175,7 +175,7 @@ def load_imdb(cfg) -> tuple[dict[str, Split], tuple[str, ...]]:
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{path}: unreadable archive ({e}); re-download aclImdb_v1.tar.gz") from None
     splits = {s: Split(texts[s], np.asarray(labels[s], np.int32)) for s in texts}
-    if cfg.get("unlabeled"):
+    if cfg.unlabeled:
         splits["unlabeled"] = Split(unlabeled, np.zeros(len(unlabeled), np.int32))
     return splits, label_names
 
@@ -257,7 +257,7 @@ def _map_labels(raw_labels, label_names: Sequence[str], indices: bool) -> np.nda
 
 
 def _load_tables(files: dict[str, pathlib.Path], fmt: str, cfg):
-    given = tuple(cfg.get("label_names") or ())
+    given = tuple(cfg.label_names or ())
     read = {s: read_table(p, fmt, cfg.text_field, cfg.label_field, given)
             for s, p in files.items()}
     label_names = given or infer_label_names(read["train"][1])
@@ -270,7 +270,7 @@ def nusax_train_languages(cfg) -> tuple[str, ...]:
     """The languages whose train splits are pooled: data.train_languages ("all" or a comma
     list), else data.language alone. Checked here so a bad name fails before any file is read.
     """
-    spec = cfg.get("train_languages") or cfg.language
+    spec = cfg.train_languages or cfg.language
     listed = (n.strip() for n in spec.split(",") if n.strip())
     names = NUSAX_LANGUAGES if spec == "all" else tuple(dict.fromkeys(listed))  # in order, once each
     if not names:
@@ -283,7 +283,7 @@ def nusax_train_languages(cfg) -> tuple[str, ...]:
 
 
 def _nusax_folder(cfg, language: str) -> pathlib.Path:
-    roots = _candidates(cfg.get("path"), "nusax_senti")
+    roots = _candidates(cfg.path, "nusax_senti")
     root = next((r / language for r in roots if (r / language / "train.csv").is_file()), None)
     if root is None:
         raise DataError(f"NusaX-Senti '{language}' not found; set --config.data.path or "
@@ -310,8 +310,8 @@ def load_nusax(cfg):
 def _table_loader(fmt: str):
     def load(cfg):
         files = {s: pathlib.Path(p).expanduser() for s, p in
-                 (("train", cfg.get("train_file")), ("validation", cfg.get("validation_file")),
-                  ("test", cfg.get("test_file"))) if p}
+                 (("train", cfg.train_file), ("validation", cfg.validation_file),
+                  ("test", cfg.test_file)) if p}
         if "train" not in files:
             raise DataError(f"{fmt} dataset needs --config.data.train_file=PATH")
         return _load_tables(files, fmt, cfg)
@@ -344,13 +344,13 @@ def load_huggingface(cfg):
         datasets.config.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(str(pathlib.Path(name).expanduser()) if pathlib.Path(name).expanduser().exists()
-                                   else name, cfg.get("hf_config") or None)
+                                   else name, cfg.hf_config or None)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not load Hugging Face dataset '{name}' ({type(e).__name__}: {first[:200]}); "
                         "offline? pass a local folder as --config.data.hf_name") from None
     feature = ds["train"].features.get(cfg.label_field) if "train" in ds else None
-    label_names = tuple(cfg.get("label_names") or getattr(feature, "names", None) or ())
+    label_names = tuple(cfg.label_names or getattr(feature, "names", None) or ())
     raw = {}
     for ours, theirs in (("train", "train"), ("validation", "validation"), ("test", "test")):
         if theirs in ds:
@@ -376,7 +376,7 @@ def load_tfds(cfg):
     if not name:
         raise DataError("dataset 'tfds' needs --config.data.tfds_name=NAME")
     try:
-        builder = tfds.builder(name, data_dir=cfg.get("path"))
+        builder = tfds.builder(name, data_dir=cfg.path)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"unknown TFDS dataset '{name}' ({type(e).__name__}); check the name") from None
     if not builder.info.splits:
@@ -394,7 +394,7 @@ def load_tfds(cfg):
                 labels.append(int(row[cfg.label_field]))
             splits[ours] = Split(texts, np.asarray(labels, np.int32))
     names = getattr(builder.info.features[cfg.label_field], "names", None)
-    return splits, tuple(cfg.get("label_names") or names)
+    return splits, tuple(cfg.label_names or names)
 
 
 SOURCES: dict[str, Callable] = {
@@ -442,7 +442,7 @@ def load_dataset(cfg) -> Dataset:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {sorted(SOURCES)}")
     splits, label_names = SOURCES[cfg.name](cfg)
     unlabeled = splits.pop("unlabeled", Split([], np.zeros(0, np.int32)))
-    if cfg.get("unlabeled") and not unlabeled.texts:
+    if cfg.unlabeled and not unlabeled.texts:
         raise DataError(f"data.unlabeled: dataset '{cfg.name}' has no unlabeled texts (only imdb's train/unsup); "
                         "set --config.data.unlabeled=False")
     if "validation" not in splits:
@@ -450,12 +450,12 @@ def load_dataset(cfg) -> Dataset:
             splits["train"], cfg.validation_fraction, cfg.validation_seed)
     if "test" not in splits:
         raise DataError(f"dataset '{cfg.name}' has no test split; set --config.data.test_file")
-    if cfg.get("max_examples"):
+    if cfg.max_examples:
         splits = {s: subsample(v, cfg.max_examples, cfg.validation_seed) for s, v in splits.items()}
         unlabeled = subsample(unlabeled, cfg.max_examples, cfg.validation_seed)
-    if cfg.get("max_test_examples"):
+    if cfg.max_test_examples:
         splits["test"] = subsample(splits["test"], cfg.max_test_examples, cfg.validation_seed)
-    if cfg.get("train_on_validation"):  # the final refit: validation texts are training texts too
+    if cfg.train_on_validation:  # the final refit: validation texts are training texts too
         train, val = splits["train"], splits["validation"]
         splits["train"] = Split(list(train.texts) + list(val.texts), np.concatenate([train.labels, val.labels]))
     for name, split in splits.items():

@@ -84,10 +84,6 @@ class NgramTokenizer(WordTokenizer):
 
     def __init__(self, words: Sequence[str], lowercase: bool = True, char_ngrams: Sequence[int] = (3, 5),
                  word_ngrams: int = 2, buckets: int = 100_000):
-        if len(char_ngrams) != 2 or not 0 <= char_ngrams[0] <= char_ngrams[1]:
-            raise ValueError(f"data.tokenizer.char_ngrams must be (shortest, longest), e.g. (3, 5); got {char_ngrams}")
-        if word_ngrams < 1 or buckets < 1:
-            raise ValueError(f"data.tokenizer.word_ngrams ({word_ngrams}) and .buckets ({buckets}) must be >= 1")
         super().__init__(words, lowercase)
         self.char_ngrams, self.word_ngrams, self.buckets = tuple(char_ngrams), int(word_ngrams), int(buckets)
         self._cache: dict[str, list[tuple[str, int]]] = {}  # word -> its pieces
@@ -174,11 +170,7 @@ def build(cfg, train_texts: Sequence[str]):
     if cfg.kind == "ngrams":
         words = WordTokenizer.fit(train_texts, cfg.vocab_size, cfg.lowercase).words
         return NgramTokenizer(words, cfg.lowercase, tuple(cfg.char_ngrams), cfg.word_ngrams, cfg.buckets)
-    if cfg.kind == "huggingface":
-        if not cfg.path:
-            raise ValueError("tokenizer kind 'huggingface' needs --config.data.tokenizer.path=FOLDER")
-        return HFTokenizer.from_folder(cfg.path)
-    raise ValueError(f"unknown tokenizer kind '{cfg.kind}'; choose 'word', 'ngrams' or 'huggingface'")
+    return HFTokenizer.from_folder(cfg.path)
 
 
 def from_spec(spec: dict, directory: pathlib.Path):

@@ -336,15 +336,6 @@ class FeatureEncoder:
 
     def __init__(self, cfg, backbone: Backbone, folder: pathlib.Path):
         b = cfg.backbone
-        if b.pooling not in POOLINGS + ("label_words",):
-            raise ValueError(f"unknown backbone.pooling '{b.pooling}'; choose one of {POOLINGS} or label_words")
-        if b.pooling == "label_words" and not b.label_words:
-            raise ValueError("backbone.pooling 'label_words' needs backbone.label_words, one word per class")
-        if b.label_words and "{mask}" not in b.template:
-            raise ValueError("backbone.label_words are scored at a {mask} in backbone.template, which has none; "
-                             "e.g. --config.backbone.template=' All in all, it was {mask}.'")
-        if cfg.data.bucket_width:
-            raise ValueError("data.bucket_width must be 0 for backbone features (they have a fixed width)")
         self.cfg, self.backbone, self.folder = cfg, backbone, folder
         self.vocab_size = len(b.label_words) if b.pooling == "label_words" else backbone.config["hidden_size"]
         self.extractor = lambda: shared_extractor(backbone, tuple(b.layers), tuple(b.label_words), cfg.mesh)
@@ -406,10 +397,11 @@ class FeatureEncoder:
 
 def zero_shot(cfg, split: str = "test") -> dict:
     """Masked-LM verbalizer without training: the class whose label word is most probable."""
-    from sentiment_jax import metrics
+    from sentiment_jax import config_base, metrics
 
     cfg = cfg.copy_and_resolve_references()
     cfg.backbone.pooling = "label_words"
+    config_base.check_config(cfg)
     dataset = data_lib.load_dataset(cfg.data)
     encoded = FeatureEncoder.create(cfg).encode_splits(dataset)
     if len(cfg.backbone.label_words) != dataset.num_classes:

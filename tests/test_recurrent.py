@@ -99,13 +99,6 @@ def test_empty_sequence_pools_to_finite_values():
     assert np.isfinite(np.asarray(model(ids, mask))).all()
 
 
-def test_bad_model_config_names_the_field():
-    with pytest.raises(ValueError, match="bidirectional"):
-        make_classifier("last", bidirectional=(True,))
-    with pytest.raises(ValueError, match="pooling"):
-        make_classifier("median")
-
-
 @pytest.mark.parametrize("rates", [{"dropout": 0.5, "embed_dropout": 0.5}, {"word_dropout": 0.5}])
 def test_dropout_is_active_only_in_training(rates):
     model = make_classifier("mean", **rates)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sentiment_jax import config_base
 from sentiment_jax.models import transformer
 from helpers import padded as padded_with_junk
 
@@ -14,10 +15,10 @@ from helpers import padded as padded_with_junk
 forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
 
 
-def make_model(pooling="mean", positions="sinusoidal", **kw):
+def make_model(pooling="mean", positions="sinusoidal", max_positions=16, **kw):
     return transformer.TransformerClassifier(vocab_size=30, num_outputs=3, embed_dim=8, num_layers=2, num_heads=2,
-                                             mlp_dim=12, positions=positions, max_positions=16, pooling=pooling,
-                                             rngs=nnx.Rngs(0), **kw)
+                                             mlp_dim=12, positions=positions, max_positions=max_positions,
+                                             pooling=pooling, rngs=nnx.Rngs(0), **kw)
 
 
 def padded(tokens, width, side):
@@ -110,18 +111,29 @@ def test_attention_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding(s
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
 
 
-def test_bad_config_names_the_field():
-    with pytest.raises(ValueError, match="model.positions"):
-        make_model(positions="rotary")
-    with pytest.raises(ValueError, match="model.pooling"):
-        make_model(pooling="last")
-    with pytest.raises(ValueError, match="model.num_heads"):
-        transformer.TransformerClassifier(vocab_size=9, num_outputs=2, embed_dim=10, num_heads=4, rngs=nnx.Rngs(0))
-
-
 def test_dropout_is_active_only_in_training():
     model = make_model(dropout=0.5, embed_dropout=0.5)
     ids, mask = padded(TOKENS, 7, "pre")
     a, b = (model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(s))) for s in (0, 1))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(model(ids, mask), model(ids, mask))
+
+
+
+@pytest.mark.parametrize("pooling", transformer.POOLINGS)
+def test_learned_positions_check_matches_the_table_the_model_indexes(pooling):
+    """The fewest model.max_positions that check_config accepts give finite logits on a full-length input;
+    one fewer is refused, and would index past the table (NaN logits)."""
+    cfg = config_base.base_config()
+    cfg.model.update(name="transformer", pooling=pooling, positions="learned")
+    cfg.data.max_length = 16
+    ids, mask = jax.numpy.full((1, 16), 3), jax.numpy.ones((1, 16), bool)
+    for rows, ok in ((16 + (pooling == "cls"), True), (15 + (pooling == "cls"), False)):
+        cfg.model.max_positions = rows
+        if ok:
+            config_base.check_config(cfg)
+        else:
+            with pytest.raises(ValueError, match=f"model.max_positions {rows} is too few"):
+                config_base.check_config(cfg)
+        logits = forward(make_model(pooling, "learned", max_positions=rows), ids, mask)
+        assert np.isfinite(np.asarray(logits)).all() == ok

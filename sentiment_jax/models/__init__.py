@@ -43,9 +43,6 @@ def _recurrent(cell: str) -> Callable:
 
 
 def _transformer(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
-    if cfg.head_sizes:
-        raise ValueError("model.head_sizes is not used by the transformer (its head is one linear layer); "
-                         "leave it ()")
     return transformer.TransformerClassifier(
         vocab_size=vocab_size, num_outputs=num_outputs, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, positions=cfg.positions, max_positions=cfg.max_positions,
@@ -81,8 +78,5 @@ MODELS: dict[str, Callable] = {
 
 
 def build_model(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model '{cfg.name}'; choose one of {sorted(MODELS)}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype '{cfg.dtype}'; choose one of {sorted(DTYPES)}")
+    """The model of a config that `config_base.check_config` accepted."""
     return MODELS[cfg.name](cfg, vocab_size, num_outputs, rngs)

@@ -46,12 +46,6 @@ def term_frequencies(ids: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, count(ordered, keys), 0).astype(jnp.int32)
 
 
-def _dropout_rate(rate: float) -> float:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"model.embed_dropout must be in [0, 1), got {rate}")
-    return rate
-
-
 def drop_features(mask: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """In training, `mask` with a `rate` fraction of its positions (whole features) switched off."""
     if deterministic or not rate:
@@ -70,10 +64,6 @@ class BagOfEmbeddings(nnx.Module):
     def __init__(self, *, vocab_size: int, num_outputs: int, embed_dim: int = 64, head_sizes: Sequence[int] = (),
                  dropout: float = 0.0, embed_dropout: float = 0.0, weights: str = "uniform", norm: str = "l1",
                  sublinear_tf: bool = False, feature_weights: np.ndarray | None = None, rngs: nnx.Rngs):
-        if weights not in ("uniform", "idf"):
-            raise ValueError(f"unknown model.bag_weights '{weights}'; choose 'uniform' or 'idf'")
-        if norm not in ("l1", "l2"):
-            raise ValueError(f"unknown model.bag_norm '{norm}'; choose 'l1' or 'l2'")
         if feature_weights is not None and np.shape(feature_weights) != (vocab_size,):
             raise ValueError(f"feature_weights must have shape ({vocab_size},), got {np.shape(feature_weights)}")
         self.weights, self.norm, self.sublinear_tf = weights, norm, bool(sublinear_tf)
@@ -91,7 +81,7 @@ class BagOfEmbeddings(nnx.Module):
             self.head.append(dense(width, size, ("features", "mlp")))
             width = size
         self.out = dense(width, num_outputs, ("features", "classes"))
-        self.feature_dropout = _dropout_rate(embed_dropout)
+        self.feature_dropout = embed_dropout
         self.dropout = nnx.Dropout(dropout)
 
 
@@ -140,7 +130,7 @@ class NBLinear(nnx.Module):
         self.kernel = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab", "classes"))(
             rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros(num_outputs, jnp.float32))
-        self.feature_dropout = _dropout_rate(feature_dropout)
+        self.feature_dropout = feature_dropout
 
 
     def from_data(self, data: TrainingData) -> None:

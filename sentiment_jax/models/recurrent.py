@@ -312,10 +312,6 @@ class RecurrentLayer(nnx.Module):
 
     def __init__(self, cell: str, in_features: int, hidden: int, bidirectional: bool,
                  *, unroll: int = 1, backend: str = "scan", rngs: nnx.Rngs):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown lstm_backend '{backend}'; choose one of {list(BACKENDS)}")
-        if backend == "cudnn" and cell != "lstm":
-            raise ValueError(f"lstm_backend 'cudnn' runs LSTM cells only, not '{cell}'; use 'scan'")
         self.forward = CELLS[cell](in_features, hidden, rngs=rngs)
         self.backward = CELLS[cell](in_features, hidden, rngs=rngs) if bidirectional else None
         self.unroll, self.backend = unroll, backend
@@ -347,17 +343,8 @@ class RecurrentClassifier(nnx.Module):
                  pooling: str = "last", dropout: float = 0.0, embed_dropout: float = 0.0,
                  word_dropout: float = 0.0, head_sizes: Sequence[int] = (), attention_dim: int = 64,
                  unroll: int = 1, backend: str = "scan", dtype=jnp.float32, rngs: nnx.Rngs):
-        if cell not in CELLS:
-            raise ValueError(f"unknown cell '{cell}'; choose one of {sorted(CELLS)}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling '{pooling}'; choose one of {list(POOLINGS)}")
-        if not hidden_sizes:
-            raise ValueError("model.hidden_sizes needs at least one layer size")
         directions = ([bool(bidirectional)] * len(hidden_sizes) if isinstance(bidirectional, (bool, int))
                       else [bool(b) for b in bidirectional])
-        if len(directions) != len(hidden_sizes):
-            raise ValueError(f"model.bidirectional has {len(directions)} entries for "
-                             f"{len(hidden_sizes)} layers; give one per layer or a single bool")
         self.dtype = dtype
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs, embedding_init=nnx.with_partitioning(
             nnx.initializers.normal(0.1), ("vocab", "embed")))

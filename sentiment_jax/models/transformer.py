@@ -97,12 +97,6 @@ class TransformerClassifier(nnx.Module):
                  num_heads: int = 4, mlp_dim: int = 256, positions: str = "sinusoidal", max_positions: int = 512,
                  pooling: str = "mean", dropout: float = 0.1, embed_dropout: float = 0.1, dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        if positions not in POSITIONS:
-            raise ValueError(f"unknown model.positions '{positions}'; choose one of {list(POSITIONS)}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown model.pooling '{pooling}' for the transformer; choose one of {list(POOLINGS)}")
-        if embed_dim % num_heads or embed_dim % 2:
-            raise ValueError(f"model.embed_dim {embed_dim} must be even and divisible by model.num_heads {num_heads}")
         self.dtype, self.pooling, self.scale = dtype, pooling, math.sqrt(embed_dim)
         embed_init = nnx.initializers.normal(1.0 / math.sqrt(embed_dim))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs,
