@@ -184,3 +184,13 @@ def test_a_missing_backbone_is_a_one_line_error_naming_its_folder(trained, tmp_p
     with pytest.raises(encoders.BackboneError, match=f"backbone folder {moved} .* is missing") as info:
         runs.load(run)
     assert "\n" not in str(info.value)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    file = tmp_path / "curves.png"
+    file.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with runs.atomic_path(file) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert [(f.name, f.read_bytes()) for f in tmp_path.iterdir()] == [("curves.png", b"old")]
