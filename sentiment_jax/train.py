@@ -79,10 +79,15 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     metrics_lib.check_wandb(cfg.train.wandb_project)  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     resume = runs.has_checkpoints(workdir)
-    if resume:  # before anything in the workdir is written
+    meta = {"epoch_sums": {k: 0.0 for k in steps.METRIC_KEYS}, "epoch_seconds": 0.0}
+    if resume:  # every check that can refuse a resume, the classes' in run_files too, before anything is written
         runs.check_resume(workdir, cfg)
+        with checkpoints.reader(workdir, cfg.checkpoint) as mngr:
+            step = mngr.latest_step()
+            meta = checkpoints.restore(mngr, step, meta=None)["meta"]
+        checkpoints.check_data_position(meta, cfg.train.batch_size)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # first, so a run that fails on its data still says what it was
+    if jax.process_index() == 0 and not resume:  # first, so a run that fails on its data still says what it was
         runs.save_config(cfg, workdir)
     t_start = time.time()
     mesh = sharding.make_mesh(cfg.mesh)
@@ -110,16 +115,13 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     with contextlib.ExitStack() as stack:  # closes the manager however this ends: no save cut off at exit
         mngr = checkpoints.manager(workdir, cfg.checkpoint)
         stack.callback(mngr.close)
-        meta = {"epoch_sums": {k: 0.0 for k in steps.METRIC_KEYS}, "epoch_seconds": 0.0}
         if resume:
-            step = mngr.latest_step()
-            meta = checkpoints.restore(mngr, step, meta=None)["meta"]
-            checkpoints.check_data_position(meta, cfg.train.batch_size)
             restored = checkpoints.restore(mngr, step, model=checkpoints.abstract(state_lib.model_item(state)),
                                            train=checkpoints.abstract(state_lib.train_item(state)))
             state = state_lib.state_from_items(restored["model"], restored["train"])
             logging.info("resumed from step %d", step)
-            if is_main:
+            if is_main:  # the checks have passed: the resumable fields (e.g. train.epochs) may have changed
+                runs.save_config(cfg, workdir)
                 runs.keep_metrics_until(workdir, step)
                 print(f"resuming from checkpoint step {step}", flush=True)
         writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb_project=cfg.train.wandb_project,

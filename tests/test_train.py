@@ -240,7 +240,8 @@ def run_cli(*args, cwd=REPO):
                           text=True, timeout=600)
 
 
-def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
+def test_cli_trains_then_evaluates_from_checkpoints(tmp_path_factory, tmp_path):
+    files = write_dataset(tmp_path_factory.mktemp("cli_data"))  # its own: relabelled below
     common = [f"--workdir={tmp_path}", "--config=configs/lstm.py", "--config.data.name=csv",
               f"--config.data.train_file={files['train']}", f"--config.data.test_file={files['test']}",
               "--config.data.max_length=16", "--config.model.hidden_sizes=8,", "--config.model.embed_dim=8",
@@ -281,6 +282,16 @@ def test_cli_trains_then_evaluates_from_checkpoints(files, tmp_path):
         assert broken.returncode == 2
         lines = broken.stderr.strip().splitlines()
         assert len(lines) == 1 and "unreadable" in lines[0] and "delete" not in lines[0], broken.stderr
+
+    # So is a resume on data with other classes, and (with a resumable field changed) it writes nothing.
+    before = snapshot(tmp_path)
+    for split in ("train", "test"):
+        files[split].write_text(files[split].read_text().replace(",pos\n", ",positive\n"))
+    relabelled = run_cli(*common, "--config.train.epochs=2")
+    assert relabelled.returncode == 2
+    lines = relabelled.stderr.strip().splitlines()
+    assert len(lines) == 1 and "classes ['neg', 'pos'], this data has ['neg', 'positive']" in lines[0], lines
+    assert snapshot(tmp_path) == before
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
