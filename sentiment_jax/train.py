@@ -150,16 +150,16 @@ class TrainingDiverged(ValueError):
     """The loss or the parameters became NaN or infinite."""
 
 
-def check_finite(host_sums: dict, step: int, finite_at: int, mngr) -> int:
-    """Returns `step` if the running loss (as fetched for logging or saving) is finite; else waits for the
-    saves in flight, all of finite states, and stops the run. The step makes the running loss NaN when
-    its loss or new state is not finite, so this costs no extra fetch and nothing non-finite is saved."""
-    if np.isfinite(host_sums["loss_sum"]):
-        return step
+def check_finite(host_sums: dict, mngr) -> None:
+    """Passes if no step since the epoch began had a non-finite loss or state, as the sums fetched for logging
+    or saving tell (the train step records the first such step in them: no extra fetch); else waits for the
+    saves in flight, all of finite states since every save follows this check, and stops the run."""
+    first = int(host_sums["first_nonfinite"])
+    if not first:
+        return
     mngr.wait_until_finished()
-    where = f"step {step}" if step == finite_at + 1 else f"a step from {finite_at + 1} to {step}"
     raise TrainingDiverged(
-        f"training diverged: the loss or parameters became NaN/inf at {where}; the checkpoints keep the last "
+        f"training diverged: the loss or parameters became NaN/inf at step {first}; the checkpoints keep the last "
         f"finite state (latest step {mngr.latest_step()}); fix the config (e.g. a lower "
         "--config.train.learning_rate) and rerun with the same --workdir to resume from it")
 
@@ -185,13 +185,12 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                          metrics=val)
 
     first_epoch, first_index = divmod(step, steps_per_epoch)
-    finite_at = step  # the last step after which the running loss was seen finite
     for epoch in range(first_epoch, cfg.train.epochs):
         start = first_index if epoch == first_epoch else 0
         sums = steps.zero_metrics(mesh)
         prior_seconds = 0.0
         if start:  # resumed mid-epoch: continue the epoch's running sums and clock
-            sums = {k: jax.device_put(jnp.float32(meta["epoch_sums"][k]), sharding.replicated(mesh))
+            sums = {k: jax.device_put(jnp.float32(meta["epoch_sums"].get(k, 0.0)), sharding.replicated(mesh))
                     for k in steps.METRIC_KEYS}
             prior_seconds = meta["epoch_seconds"]
         t0 = time.time()
@@ -207,7 +206,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                 save = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end
                 if step % cfg.train.log_every == 0 or save:  # the only fetches of the sums mid-epoch
                     host = jax.device_get(sums)
-                    finite_at = check_finite(host, step, finite_at, mngr)
+                    check_finite(host, mngr)
                 if step % cfg.train.log_every == 0:
                     rate = seen / (time.time() - t_log)
                     step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
@@ -220,7 +219,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                 if save:
                     checkpoint(step, epoch, index + 1, host, prior_seconds + time.time() - t0)
         host = jax.device_get(sums)
-        finite_at = check_finite(host, step, finite_at, mngr)
+        check_finite(host, mngr)
         seconds = prior_seconds + time.time() - t0
         scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"]}
         val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none

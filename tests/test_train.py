@@ -337,23 +337,28 @@ def saved_states(workdir):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoints_stay_finite(files, reference_run,
                                                                                           tmp_path):
-    """The trained reference run continued for a fifth epoch with a learning rate that overflows the parameters;
-    with the rate fixed, it resumes from its last finite checkpoint and still classifies as well."""
+    """The trained reference run continued for a fifth epoch with a learning rate that overflows the parameters.
+    Its sums read every step name the first non-finite step; read only at saves and at the epoch's end (every
+    4 steps), long after it, they name the same one. With the rate fixed, the run resumes from its last finite
+    checkpoint and still classifies as well."""
     import shutil
 
-    shutil.copytree(reference_run[0], tmp_path / "run")
-    more = {"mesh.num_devices": 1, "train.epochs": 5, "checkpoint.every_steps": 2}
-    bad = tiny_config(files, **more, **{"train.learning_rate": 1e30})
-    with pytest.raises(train.TrainingDiverged) as e:
-        train.train_and_evaluate(bad, tmp_path / "run")
-    message = str(e.value)
-    step = int(message.split("NaN/inf at step ")[1].split(";")[0])  # logged every step: the exact step
-    assert step > 32 and "\n" not in message
-    states = saved_states(tmp_path / "run")
-    assert max(states) < step and f"latest step {max(states)}" in message
+    more = {"mesh.num_devices": 1, "train.epochs": 5, "checkpoint.every_steps": 4}
+    messages = {}
+    for log_every in (1, 20):
+        shutil.copytree(reference_run[0], tmp_path / f"every_{log_every}")
+        bad = tiny_config(files, **more, **{"train.learning_rate": 1e30, "train.log_every": log_every})
+        with pytest.raises(train.TrainingDiverged) as e:
+            train.train_and_evaluate(bad, tmp_path / f"every_{log_every}")
+        messages[log_every] = str(e.value)
+    step = int(messages[1].split("NaN/inf at step ")[1].split(";")[0])
+    assert step > 32 and step % 4 and "\n" not in messages[1], messages[1]  # not itself a step that reads the sums
+    assert messages[20] == messages[1]
+    states = saved_states(tmp_path / "every_20")
+    assert max(states) < step and f"latest step {max(states)}" in messages[20]
     for saved in states.values():
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved)), sorted(states)
-    result = train.train_and_evaluate(tiny_config(files, **more), tmp_path / "run")
+    result = train.train_and_evaluate(tiny_config(files, **more), tmp_path / "every_20")
     assert np.isfinite(result["loss"]) and result["accuracy"] > 0.8, result
 
 
