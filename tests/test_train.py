@@ -64,7 +64,10 @@ def test_training_learns_and_writes_its_artifacts(reference_run):
     epochs = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in l]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
-    assert all(e["epoch_seconds"] > 0 and 0 <= e["val/accuracy"] <= 1 for e in epochs)
+    assert all(e["epoch_seconds"] > 0 for e in epochs)
+    train_losses = [e["train/loss"] for e in epochs]  # about 0.68, 0.54, 0.29, 0.20
+    assert train_losses == sorted(train_losses, reverse=True) and train_losses[-1] < train_losses[0] / 2, train_losses
+    assert epochs[-1]["val/accuracy"] >= 0.8, epochs[-1]  # about 0.91 of 32 examples
 
 
 def test_eight_devices_give_the_same_losses_as_one(files, reference_run, tmp_path):
