@@ -315,19 +315,18 @@ def _example(e: dict) -> str:
 
 def write(results: Sequence[Scored], tests: list[dict], suite: dict, seed: int, folder: pathlib.Path) -> str:
     """behaviour.json, behaviour.md, behaviour.png and the generated cases (behaviour_cases.jsonl) in `folder`."""
-    from sentiment_jax import plots
+    from sentiment_jax import plots, runs
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = markdown(results, suite, seed)
-    (folder / "behaviour.md").write_text(text)
-    (folder / "behaviour.json").write_text(json.dumps(
+    runs.write_atomic(folder / "behaviour.md", text)
+    runs.write_atomic(folder / "behaviour.json", json.dumps(
         {"suite": suite["path"], "language": suite.get("language"), "seed": seed,
          "runs": [{"name": r.name, "capabilities": r.capabilities, "tests": r.tests} for r in results]}, indent=2))
-    with open(folder / "behaviour_cases.jsonl", "w") as f:
-        for t in tests:
-            for c in t["cases"]:
-                f.write(json.dumps({"capability": t["capability"], "test": t["name"], "type": t["type"], **c}) + "\n")
+    runs.write_atomic(folder / "behaviour_cases.jsonl", "".join(
+        json.dumps({"capability": t["capability"], "test": t["name"], "type": t["type"], **c}) + "\n"
+        for t in tests for c in t["cases"]))
     plots.failure_rates({r.name: r.capabilities for r in results}, folder / "behaviour.png")
     return text
 

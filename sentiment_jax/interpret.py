@@ -156,9 +156,7 @@ def _word_grid(ax, words, scores, title, cmap, signed, per_row=12):
 
 def figure(explanation: dict, out: str | pathlib.Path) -> pathlib.Path:
     """One word heatmap per method in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from sentiment_jax import plots  # first: it picks the file-only backend
     import matplotlib.pyplot as plt
 
     words = explanation["words"]
@@ -174,18 +172,12 @@ def figure(explanation: dict, out: str | pathlib.Path) -> pathlib.Path:
     for ax, (key, title, cmap, signed) in zip(axes[:, 0], panels):
         _word_grid(ax, words, np.asarray(explanation[key]), title, cmap, signed)
     fig.tight_layout()
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return plots.save_figure(fig, out)
 
 
 def attention_figure(explanation: dict, out: str | pathlib.Path, max_words: int = 40) -> pathlib.Path:
     """Transformer maps, one panel per layer and head (rows: queries, columns: keys)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from sentiment_jax import plots  # first: it picks the file-only backend
     import matplotlib.pyplot as plt
 
     maps, words = explanation["attention_maps"], explanation["words"][:max_words]
@@ -203,10 +195,7 @@ def attention_figure(explanation: dict, out: str | pathlib.Path, max_words: int 
             ax.set_yticks(ticks, [words[i] for i in ticks], fontsize=6)
     fig.suptitle("attention weights: rows are queries, columns the words they attend to", fontsize=10)
     fig.tight_layout()
-    out = pathlib.Path(out)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return plots.save_figure(fig, out)
 
 
 FLAGS = flags.FLAGS

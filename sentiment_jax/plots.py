@@ -62,7 +62,7 @@ def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def confusion_figure(result: dict, title: str = ""):
@@ -88,7 +88,7 @@ def confusion_figure(result: dict, title: str = ""):
 
 
 def confusion_matrix(result: dict, out: pathlib.Path, title: str = "") -> pathlib.Path:
-    return _save(confusion_figure(result, title), out)
+    return save_figure(confusion_figure(result, title), out)
 
 
 def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:
@@ -116,7 +116,7 @@ def f1_bars(results: dict[str, list[dict]], out: pathlib.Path) -> pathlib.Path:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def reliability_diagram(curves: dict[str, dict], out: pathlib.Path) -> pathlib.Path:
@@ -139,7 +139,7 @@ def reliability_diagram(curves: dict[str, dict], out: pathlib.Path) -> pathlib.P
     counts.set_yscale("log")
     counts.set_xlim(0, 1)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def failure_rates(rates: dict[str, dict[str, float | None]], out: pathlib.Path) -> pathlib.Path:
@@ -159,13 +159,16 @@ def failure_rates(rates: dict[str, dict[str, float | None]], out: pathlib.Path) 
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: pathlib.Path) -> pathlib.Path:
+def save_figure(fig, out: str | pathlib.Path) -> pathlib.Path:
+    """Saved through runs.atomic_path, so a reader (or a run folder) never holds half an image; the format
+    is named, since the temporary file's name does not end in it."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    with runs.atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix[1:] or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 

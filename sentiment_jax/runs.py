@@ -26,12 +26,13 @@ float32 feature vector for a verbalizer run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -50,11 +51,23 @@ RESUMABLE = ("train.epochs", "train.log_every", "train.eval_batch_size", "checkp
              "model.unroll", "train.learning_rate", "train.grad_clip", "train.wandb_project")
 
 
-def write_atomic(file: pathlib.Path, content: str | bytes) -> None:
-    """Writes through a temporary file and a rename, so a stopped process never leaves a torn file."""
+@contextlib.contextmanager
+def atomic_path(file: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary path beside `file` for a writer that needs a path (e.g. savefig), renamed onto `file` when
+    the block ends and removed if it raises, so a stopped or failed writer never leaves a torn file."""
+    file = pathlib.Path(file)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    tmp.replace(file)
+    try:
+        yield tmp
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(file: str | pathlib.Path, content: str | bytes) -> None:
+    """Writes through a temporary file and a rename, so a stopped process never leaves a torn file."""
+    with atomic_path(file) as tmp:
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from tqdm import tqdm
 from sentiment_jax import input_pipeline, losses, sharding
 from sentiment_jax.state import Setup, TrainState
 
-METRIC_KEYS = ("loss_sum", "correct", "count")
+# first_nonfinite: the first step whose loss or new state was NaN/inf, 0 while there is none; carried with the
+# sums so that it is read exactly when they are, at no extra transfer.
+METRIC_KEYS = ("loss_sum", "correct", "count", "first_nonfinite")
 
 
 def zero_metrics(mesh) -> dict[str, jax.Array]:
@@ -52,11 +54,13 @@ def make_train_step(setup: Setup, confidence_penalty: float = 0.0, class_weights
             rate = (1 - ema_decay) / (1 - ema_decay ** (state.step + 1).astype(jnp.float32))
             ema = jax.tree.map(lambda e, p: e + rate.astype(e.dtype) * (p - e), state.ema, params)
         correct = (losses.predictions(logits) == batch["label"]) * batch["weight"]
-        # A non-finite loss or new state makes the running loss NaN, which train.check_finite reads on the host.
+        # train.check_finite stops the run at the host's next read of the sums, naming first_nonfinite.
         finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(),
-                                                               (params, rest, opt_state)))
+                                                               (per_example, params, rest, opt_state)))
+        first = sums["first_nonfinite"]
         sums = {"loss_sum": sums["loss_sum"] + jnp.where(finite, jnp.sum(per_example), jnp.nan),
-                "correct": sums["correct"] + jnp.sum(correct), "count": sums["count"] + jnp.sum(batch["weight"])}
+                "correct": sums["correct"] + jnp.sum(correct), "count": sums["count"] + jnp.sum(batch["weight"]),
+                "first_nonfinite": jnp.where((first > 0) | finite, first, (state.step + 1).astype(jnp.float32))}
         return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state, ema=ema), sums
 
     metric_sharding = {k: sharding.replicated(setup.mesh) for k in METRIC_KEYS}

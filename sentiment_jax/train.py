@@ -79,10 +79,15 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     metrics_lib.check_wandb(cfg.train.wandb_project)  # training logs there; eval of the run does not
     workdir = pathlib.Path(workdir)
     resume = runs.has_checkpoints(workdir)
-    if resume:  # before anything in the workdir is written
+    meta, step = {"epoch_sums": {k: 0.0 for k in steps.METRIC_KEYS}, "epoch_seconds": 0.0}, 0
+    if resume:  # every check that can refuse a resume, the classes' in run_files too, before anything is written
         runs.check_resume(workdir, cfg)
+        with checkpoints.reader(workdir, cfg.checkpoint) as mngr:
+            step = mngr.latest_step()
+            meta = checkpoints.restore(mngr, step, meta=None)["meta"]
+        checkpoints.check_data_position(meta, cfg.train.batch_size)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # first, so a run that fails on its data still says what it was
+    if jax.process_index() == 0 and not resume:  # first, so a run that fails on its data still says what it was
         runs.save_config(cfg, workdir)
     t_start = time.time()
     mesh = sharding.make_mesh(cfg.mesh)
@@ -110,17 +115,13 @@ def train_and_evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     with contextlib.ExitStack() as stack:  # closes the manager however this ends: no save cut off at exit
         mngr = checkpoints.manager(workdir, cfg.checkpoint)
         stack.callback(mngr.close)
-        meta = {"epoch_sums": {k: 0.0 for k in steps.METRIC_KEYS}, "epoch_seconds": 0.0}
-        step = 0
         if resume:
-            step = mngr.latest_step()
-            meta = checkpoints.restore(mngr, step, meta=None)["meta"]
-            checkpoints.check_data_position(meta, cfg.train.batch_size)
             restored = checkpoints.restore(mngr, step, model=checkpoints.abstract(state_lib.model_item(state)),
                                            train=checkpoints.abstract(state_lib.train_item(state)))
             state = state_lib.state_from_items(restored["model"], restored["train"])
             logging.info("resumed from step %d", step)
-            if is_main:
+            if is_main:  # the checks have passed: the resumable fields (e.g. train.epochs) may have changed
+                runs.save_config(cfg, workdir)
                 print(f"resuming from checkpoint step {step}", flush=True)
         if is_main:  # what a killed attempt logged past the checkpoint (or before the first one) is redone
             runs.keep_metrics_until(workdir, step)
@@ -150,16 +151,16 @@ class TrainingDiverged(ValueError):
     """The loss or the parameters became NaN or infinite."""
 
 
-def check_finite(host_sums: dict, step: int, finite_at: int, mngr) -> int:
-    """Returns `step` if the running loss (as fetched for logging or saving) is finite; else waits for the
-    saves in flight, all of finite states, and stops the run. The step makes the running loss NaN when
-    its loss or new state is not finite, so this costs no extra fetch and nothing non-finite is saved."""
-    if np.isfinite(host_sums["loss_sum"]):
-        return step
+def check_finite(host_sums: dict, mngr) -> None:
+    """Passes if no step since the epoch began had a non-finite loss or state, as the sums fetched for logging
+    or saving tell (the train step records the first such step in them: no extra fetch); else waits for the
+    saves in flight, all of finite states since every save follows this check, and stops the run."""
+    first = int(host_sums["first_nonfinite"])
+    if not first:
+        return
     mngr.wait_until_finished()
-    where = f"step {step}" if step == finite_at + 1 else f"a step from {finite_at + 1} to {step}"
     raise TrainingDiverged(
-        f"training diverged: the loss or parameters became NaN/inf at {where}; the checkpoints keep the last "
+        f"training diverged: the loss or parameters became NaN/inf at step {first}; the checkpoints keep the last "
         f"finite state (latest step {mngr.latest_step()}); fix the config (e.g. a lower "
         "--config.train.learning_rate) and rerun with the same --workdir to resume from it")
 
@@ -185,13 +186,12 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                          metrics=val)
 
     first_epoch, first_index = divmod(step, steps_per_epoch)
-    finite_at = step  # the last step after which the running loss was seen finite
     for epoch in range(first_epoch, cfg.train.epochs):
         start = first_index if epoch == first_epoch else 0
         sums = steps.zero_metrics(mesh)
         prior_seconds = 0.0
         if start:  # resumed mid-epoch: continue the epoch's running sums and clock
-            sums = {k: jax.device_put(jnp.float32(meta["epoch_sums"][k]), sharding.replicated(mesh))
+            sums = {k: jax.device_put(jnp.float32(meta["epoch_sums"].get(k, 0.0)), sharding.replicated(mesh))
                     for k in steps.METRIC_KEYS}
             prior_seconds = meta["epoch_seconds"]
         t0 = time.time()
@@ -207,7 +207,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                 save = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not at_epoch_end
                 if step % cfg.train.log_every == 0 or save:  # the only fetches of the sums mid-epoch
                     host = jax.device_get(sums)
-                    finite_at = check_finite(host, step, finite_at, mngr)
+                    check_finite(host, mngr)
                 if step % cfg.train.log_every == 0:
                     rate = seen / (time.time() - t_log)
                     step_loss = (host["loss_sum"] - logged["loss_sum"]) / max(host["count"] - logged["count"], 1)
@@ -220,7 +220,7 @@ def train_loop(cfg, state, setup, mngr, writer, train_batches, encoded, dataset,
                 if save:
                     checkpoint(step, epoch, index + 1, host, prior_seconds + time.time() - t0)
         host = jax.device_get(sums)
-        finite_at = check_finite(host, step, finite_at, mngr)
+        check_finite(host, mngr)
         seconds = prior_seconds + time.time() - t0
         scalars = {"train/loss": host["loss_sum"] / host["count"], "train/accuracy": host["correct"] / host["count"]}
         val = None  # what the checkpoint is ranked by; a refit trained on validation, so it has none

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from sentiment_jax import data, ensemble, export, exported, inference, interpret, predict, runs, serve, train
+from sentiment_jax import data, ensemble, export, exported, inference, interpret, metrics, predict, runs, serve, train
 from sentiment_jax.models import encoders
 from test_verbalizer import TEMPLATE, _tiny_bert
 
@@ -126,15 +126,16 @@ def test_every_path_gives_the_same_probabilities(trained, predictors, test_texts
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_only_reports_what_training_and_prediction_do(trained, predictors, test_texts, kind):
-    """Eval-only restores the run as the end-of-training report did, and its loss is that of the predictions."""
+    """Eval-only restores the run as the end-of-training report did, and the per-example probabilities it
+    saves are the other paths' own."""
     workdir, result = trained[kind]
     report = train.evaluate(workdir, split="test")
     assert (report["accuracy"], report["confusion_matrix"], report["loss"]) == (
         result["accuracy"], result["confusion_matrix"], result["loss"])
-    probs = predictors[kind].predict(test_texts)
-    truth = data.load_dataset(runs.load_config(workdir).data).splits["test"].labels
-    assert report["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(len(truth)), truth])), rel=1e-5)
-    assert report["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == truth))
+    saved = metrics.load_predictions(runs.predictions_file(workdir, "test", "best"))
+    np.testing.assert_allclose(saved["probabilities"], predictors[kind].predict(test_texts), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(saved["labels"], data.load_dataset(runs.load_config(workdir).data)
+                                  .splits["test"].labels)
 
 
 @pytest.mark.parametrize("kind", ["transformer", "verbalizer"])
@@ -184,3 +185,13 @@ def test_a_missing_backbone_is_a_one_line_error_naming_its_folder(trained, tmp_p
     with pytest.raises(encoders.BackboneError, match=f"backbone folder {moved} .* is missing") as info:
         runs.load(run)
     assert "\n" not in str(info.value)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    file = tmp_path / "curves.png"
+    file.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with runs.atomic_path(file) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert [(f.name, f.read_bytes()) for f in tmp_path.iterdir()] == [("curves.png", b"old")]
