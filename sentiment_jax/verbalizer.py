@@ -375,15 +375,25 @@ class FeatureEncoder:
         b, d = self.cfg.backbone, self.cfg.data
         rows, owner = encode_windows(self.backbone.tokenizer, texts, b.template, d.max_length, b.windows,
                                      d.truncation)
-        per_row = self.extractor()(rows, b.batch_size, b.bucket_width)
+        per_row = self.extractor()(rows, self.batch_rows(len(rows)), b.bucket_width)
         return list(average_windows(per_row, owner, len(texts), [len(r) for r in rows])[b.pooling])
 
+    def batch_rows(self, rows: int) -> int:
+        """Rows of one extraction call for `rows` rows: the smallest power of two that holds them, up to
+        backbone.batch_size and split evenly over the devices, so that one text is not padded to a whole
+        training batch of backbone passes."""
+        full = self.cfg.backbone.batch_size
+        shards = full // self.extractor().batch_sharding.shard_shape((full, 1))[0]
+        size = 1 << max(0, min(rows, full) - 1).bit_length()
+        return min(-(-size // shards) * shards, full)
+
     def warmup(self) -> None:
-        """Compiles the extraction for every row width a text can need, before the first request."""
+        """Compiles the extraction for every row width and batch size a request can need, before the first."""
         b = self.cfg.backbone
         top = -(-self.cfg.data.max_length // b.bucket_width) * b.bucket_width
-        for width in range(b.bucket_width, top + 1, b.bucket_width):
-            self.extractor()([np.zeros(width, np.int32)], b.batch_size, b.bucket_width)
+        for rows in sorted({self.batch_rows(n) for n in range(1, b.batch_size + 1)}):
+            for width in range(b.bucket_width, top + 1, b.bucket_width):
+                self.extractor()([np.zeros(width, np.int32)] * rows, rows, b.bucket_width)
 
     def encode_splits(self, dataset: data_lib.Dataset) -> dict[str, input_pipeline.Encoded]:
         """Every split's features (from the cache, or extracted once and cached) as `Encoded` "ids"."""

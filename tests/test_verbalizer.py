@@ -225,3 +225,19 @@ def test_backbone_path_errors_are_one_line(tmp_path):
         with pytest.raises(encoders.BackboneError, match=message) as info:
             verbalizer.load_backbone(ml_collections.ConfigDict({"path": path, "dtype": "float32"}))
         assert "\n" not in str(info.value)
+
+
+
+@pytest.mark.parametrize("devices, expected", [(1, {1: 1, 2: 2, 3: 4, 8: 8, 20: 8}), (2, {1: 2, 3: 4, 5: 8, 20: 8})])
+def test_new_texts_are_extracted_in_the_smallest_batch_that_holds_them(folder, tmp_path, devices, expected):
+    """A request of one text runs one backbone row (or one per device), not a whole training batch, and
+    gets the features a whole batch gives it."""
+    cfg = _cfg(folder, tmp_path)
+    cfg.mesh.num_devices = devices
+    encoder = verbalizer.FeatureEncoder(cfg, verbalizer.load_backbone(cfg.backbone), folder)
+    assert {n: encoder.batch_rows(n) for n in expected} == expected
+    texts = ["good film", "it was not very good and the plot was bad bad bad", "awful"]
+    rows, _ = verbalizer.encode_windows(encoder.backbone.tokenizer, texts, cfg.backbone.template,
+                                        cfg.data.max_length)  # one window a text: a row is a text
+    whole = encoder.extractor()(rows, cfg.backbone.batch_size, cfg.backbone.bucket_width)
+    np.testing.assert_allclose(np.stack(encoder.encode(texts)), whole[cfg.backbone.pooling], atol=1e-5)
