@@ -117,7 +117,7 @@ def trained_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
             procs = {}
             for name, run in TINY_RUNS.items():
                 (root / f"{name}_data").mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "sentiment_jax.main", f"--workdir={root / name}",
+                cmd = [sys.executable, "-m", "sentiment_jax.main", f"--workdir={root / name}", "--noplots",
                        *tiny_flags(root / f"{name}_data", run)]
                 procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.PIPE, text=True)

@@ -4,8 +4,8 @@ import re
 
 from conftest import REPO
 
-FOLDERS = ("docs", "sentiment_jax", "configs", "benchmarks", "launch", "tests", "notebooks")
-TOP_FILES = ("README.md", "Makefile", "setup.py", "pyproject.toml")
+FOLDERS = ("docs", "sentiment_jax", "configs", "benchmarks", "launch", "tests", "notebooks", ".ci")
+TOP_FILES = ("README.md", "Makefile", "pyproject.toml")
 SUFFIXES = {".py", ".md", ".sh", ".sbatch", ".ipynb", ".toml", ".cfg", ".txt", ".yaml", ".yml", ""}
 
 # Work-log words: who ran what, when, on which branch or machine.

@@ -36,10 +36,11 @@ def test_three_class_training_end_to_end(tmp_path):
                  "data.test_file": write_split(tmp_path / "test.csv", 90, 1), "data.validation_fraction": 0.2,
                  "data.max_length": 16, "model.embed_dim": 16, "model.hidden_sizes": "16,", "model.attention_dim": 8,
                  "train.epochs": 4, "train.batch_size": 16, "train.learning_rate": 0.01,
-                 "checkpoint.best_metric": "macro_f1", "checkpoint.async_save": False}
+                 "checkpoint.best_metric": "macro_f1", "checkpoint.async_save": False,
+                 "pretrain.embeddings": "none"}  # the config's word2vec start has tests of its own
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
     run = subprocess.run([sys.executable, "-m", "sentiment_jax.main", "--config=configs/bilstm_attention.py",
-                          f"--workdir={tmp_path / 'run'}", "--config.model.name=gru", *args],
+                          f"--workdir={tmp_path / 'run'}", "--config.model.name=gru", "--noplots", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())

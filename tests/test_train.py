@@ -248,7 +248,7 @@ def test_cli_trains_then_evaluates_from_checkpoints(tmp_path_factory, tmp_path):
     common = [f"--workdir={tmp_path}", "--config=configs/lstm.py", "--config.data.name=csv",
               f"--config.data.train_file={files['train']}", f"--config.data.test_file={files['test']}",
               "--config.data.max_length=16", "--config.model.hidden_sizes=8,", "--config.model.embed_dim=8",
-              "--config.train.epochs=1", "--config.train.batch_size=32"]
+              "--config.train.epochs=1", "--config.train.batch_size=32", "--noplots"]
     trained = run_cli(*common)
     assert trained.returncode == 0, trained.stderr[-2000:]
     resolved = json.loads((tmp_path / "config.json").read_text())

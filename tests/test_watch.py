@@ -197,3 +197,9 @@ def test_tokenizing_a_large_split_shows_a_bar_on_stderr_and_encodes_as_one_call(
 
     input_pipeline.encode(data_lib.Split(texts[:100], split.labels[:100]), tokenizer, cfg, desc="tokenize test")
     assert capsys.readouterr().err == ""
+
+
+def test_training_and_validation_passes_show_progress_bars(trained):
+    _, done = trained
+    for bar in [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)] + ["validation: "]:
+        assert bar in done.stderr, bar
