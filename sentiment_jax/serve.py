@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import json
 import math
 import os
 import pathlib
@@ -34,6 +36,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.security import APIKeyHeader  # noqa: E402
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field  # noqa: E402
+import h11  # noqa: E402
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
 KEYS_ENV = "SENTIMENT_JAX_API_KEYS"
@@ -227,10 +230,29 @@ class Admission:
         return b"".join(chunks)
 
 
-class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, also closing a connection that sends no whole request head
-    within KEEP_ALIVE_S of opening or of its last answer (uvicorn alone waits forever for a
-    head that trickles in, or for a first byte)."""
+class BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol with the bounds it lacks, its refusals in JSON like the app's:
+
+    - a connection that sends no whole request head within KEEP_ALIVE_S of opening or of its
+      last answer is closed (uvicorn alone waits forever for a head that trickles in, or for a
+      first byte);
+    - bytes that are not HTTP, or a head over MAX_HEAD_BYTES, get a JSON 400 (uvicorn's is text);
+    - past `max_connections` open connections or requests in flight, a request gets a JSON 503
+      with Retry-After (uvicorn's `limit_concurrency` answers in text, without Retry-After).
+    """
+
+    def __init__(self, *args, max_connections: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+
+        async def bounded(scope, receive, send):  # this connection and request count themselves
+            if len(self.connections) > max_connections or len(self.tasks) > max_connections:
+                response = JSONResponse({"detail": f"over {max_connections} open connections; retry later"}, 503,
+                                        headers={"Retry-After": "1", "Connection": "close"})
+                return await response(scope, receive, send)
+            return await app(scope, receive, send)
+
+        self.app = bounded
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -247,6 +269,14 @@ class HeadDeadline(H11Protocol):
                 self.transport.close()
 
         self.loop.call_later(KEEP_ALIVE_S, check)
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"detail": msg}).encode()
+        for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                   headers=[(b"content-type", b"application/json"), (b"connection", b"close")]),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,12 +430,12 @@ def main(argv) -> None:
     app = create_app(predictors, keys, max_texts=FLAGS.max_texts, max_chars=FLAGS.max_chars,
                      queue_size=FLAGS.queue_size, rate_limit=FLAGS.rate_limit, rate_burst=FLAGS.rate_burst,
                      body_timeout=FLAGS.body_timeout)
-    # uvicorn bounds what reaches the app: h11 refuses a request head over MAX_HEAD_BYTES and
+    # The protocol bounds what reaches the app: h11 refuses a request head over MAX_HEAD_BYTES and
     # bytes that are not HTTP (400, then closes); over --max_connections it answers 503.
-    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, http=HeadDeadline,
+    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port,
+                http=functools.partial(BoundedH11, max_connections=FLAGS.max_connections),
                 h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
-                limit_concurrency=FLAGS.max_connections, timeout_graceful_shutdown=DRAIN_S,
-                access_log=False, log_level="info")
+                timeout_graceful_shutdown=DRAIN_S, access_log=False, log_level="info")
 
 
 def define_flags() -> None:
@@ -426,7 +456,8 @@ def define_flags() -> None:
                        lower_bound=0)
     flags.DEFINE_integer("rate_burst", 20, "Requests one key may send at once within --rate_limit.", lower_bound=1)
     flags.DEFINE_float("body_timeout", 10, "Seconds a request body may take to arrive (more: 408).", lower_bound=0.1)
-    flags.DEFINE_integer("max_connections", 256, "Open connections at most (more: 503 from uvicorn).", lower_bound=1)
+    flags.DEFINE_integer("max_connections", 256, "Open connections or requests in flight at most (more: a JSON "
+                         "503).", lower_bound=1)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,9 @@ def test_clients_that_disconnect_mid_request_leave_the_server_answering(server, 
 def test_garbage_gets_400_and_a_closed_connection(server, client, garbage):
     with connect(server[0]) as sock:
         sock.sendall(garbage)
-        assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+        response = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in response.lower()
+    assert status_and_json(response)[1]["detail"]
     assert client.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
 
 
@@ -359,6 +361,26 @@ def test_batcher_merges_requests_that_wait_and_splits_the_answers():
     answers = asyncio.run(scenario())
     assert [a[:, 0].tolist() for a in answers] == [[1], [2, 3], [2, 3], [2, 3]]
     assert calls == [["a"], ["bb", "bbb", "cc", "ccc"], ["dd", "ddd"]]  # merged up to max_rows
+
+
+def test_past_max_connections_a_request_gets_a_json_503_with_retry_after(trained_runs, tmp_path):
+    proc, url, _ = serving(tmp_path, [f"--model=lstm={trained_runs['lstm']}"], "--batch_sizes=1",
+                           "--max_connections=2")
+    try:
+        idle = [connect(url) for _ in range(2)]  # open, holding their slots (closed after KEEP_ALIVE_S)
+        time.sleep(0.3)
+        with httpx.Client(base_url=url, headers={serve.KEY_HEADER: KEYS[0]}) as c:
+            refused = c.post("/v1/predict", json={"texts": ["good"]})
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "over 2 open connections" in refused.json()["detail"]
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        with httpx.Client(base_url=url, headers={serve.KEY_HEADER: KEYS[0]}) as c:
+            assert c.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_sigterm_answers_every_accepted_request_then_exits(trained_runs, tmp_path):
