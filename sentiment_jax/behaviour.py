@@ -315,16 +315,16 @@ def _example(e: dict) -> str:
 
 def write(results: Sequence[Scored], tests: list[dict], suite: dict, seed: int, folder: pathlib.Path) -> str:
     """behaviour.json, behaviour.md, behaviour.png and the generated cases (behaviour_cases.jsonl) in `folder`."""
-    from sentiment_jax import plots, runs
+    from sentiment_jax import files, plots
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = markdown(results, suite, seed)
-    runs.write_atomic(folder / "behaviour.md", text)
-    runs.write_atomic(folder / "behaviour.json", json.dumps(
+    files.write_atomic(folder / "behaviour.md", text)
+    files.write_atomic(folder / "behaviour.json", json.dumps(
         {"suite": suite["path"], "language": suite.get("language"), "seed": seed,
          "runs": [{"name": r.name, "capabilities": r.capabilities, "tests": r.tests} for r in results]}, indent=2))
-    runs.write_atomic(folder / "behaviour_cases.jsonl", "".join(
+    files.write_atomic(folder / "behaviour_cases.jsonl", "".join(
         json.dumps({"capability": t["capability"], "test": t["name"], "type": t["type"], **c}) + "\n"
         for t in tests for c in t["cases"]))
     plots.failure_rates({r.name: r.capabilities for r in results}, folder / "behaviour.png")

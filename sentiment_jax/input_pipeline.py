@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sentiment_jax import data as data_lib
+from sentiment_jax import files
 from sentiment_jax import tokenization
 
 
@@ -67,9 +67,8 @@ def encode_splits(dataset: data_lib.Dataset, tokenizer, cfg, workdir: pathlib.Pa
                     for s in dataset.splits}
     encoded = {s: encode(split, tokenizer, cfg, desc=f"tokenize {s}") for s, split in dataset.splits.items()}
     arrays = {f"{s}/{k}": getattr(e, k) for s, e in encoded.items() for k in ("ids", "lengths", "labels")}
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # processes sharing a workdir write alike
-    np.savez(tmp, **arrays)
-    tmp.rename(cache)
+    with files.atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return encoded
 
 

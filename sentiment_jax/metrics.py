@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
@@ -11,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sentiment_jax import files
 from sentiment_jax._extras import require
 
 
@@ -121,7 +121,8 @@ class MetricWriter:
         self._tb.add_image(f"{tag}/confusion_matrix", image, int(step))
         self._tb.flush()
         if self._wandb is not None:
-            wandb = sys.modules["wandb"]
+            import wandb  # imported by __init__ already
+
             self._wandb.log({f"{tag}/confusion_matrix": wandb.Image(image.transpose(1, 2, 0))}, step=int(step))
 
     def close(self) -> None:
@@ -239,13 +240,9 @@ def test_time_additions(probs: np.ndarray, labels: np.ndarray, label_names: Sequ
 
 
 def save_predictions(file: pathlib.Path, labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]) -> None:
-    """Written to a temporary name and renamed, so a reader never sees half a file."""
-    file = pathlib.Path(file)
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with files.atomic_path(file) as tmp, open(tmp, "wb") as f:
         np.savez(f, labels=np.asarray(labels, np.int32), probabilities=np.asarray(probs, np.float32),
                  label_names=np.asarray(list(label_names)))
-    os.replace(tmp, file)
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sentiment_jax import runs  # noqa: E402
+from sentiment_jax import files, runs  # noqa: E402
 
 
 def training_curves(folders: dict[str, list[pathlib.Path]], out: pathlib.Path) -> pathlib.Path:
@@ -163,11 +163,11 @@ def failure_rates(rates: dict[str, dict[str, float | None]], out: pathlib.Path) 
 
 
 def save_figure(fig, out: str | pathlib.Path) -> pathlib.Path:
-    """Saved through runs.atomic_path, so a reader (or a run folder) never holds half an image; the format
-    is named, since the temporary file's name does not end in it."""
+    """Saved atomically (files.atomic_path), so a reader never holds half an image; the format is named,
+    since the temporary file's name does not end in it."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with runs.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         fig.savefig(tmp, format=out.suffix[1:] or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out

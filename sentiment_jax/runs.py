@@ -26,13 +26,11 @@ float32 feature vector for a verbalizer run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -40,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from sentiment_jax import checkpoints, config_base, input_pipeline, metrics, sharding, state, steps, tokenization
+from sentiment_jax.files import write_atomic
 
 CONFIG_FILE, LABELS_FILE, ENCODER_FILE = "config.json", "labels.json", "encoder.json"
 METRICS_FILE, RESULT_FILE = "metrics.jsonl", "result.json"
@@ -49,25 +48,6 @@ METRICS_FILE, RESULT_FILE = "metrics.jsonl", "result.json"
 RESUMABLE = ("train.epochs", "train.log_every", "train.eval_batch_size", "checkpoint.", "mesh.", "eval.",
              "data.path", "data.download", "backbone.cache_dir", "backbone.batch_size", "model.lstm_backend",
              "model.unroll", "train.learning_rate", "train.grad_clip", "train.wandb_project")
-
-
-@contextlib.contextmanager
-def atomic_path(file: str | pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary path beside `file` for a writer that needs a path (e.g. savefig), renamed onto `file` when
-    the block ends and removed if it raises, so a stopped or failed writer never leaves a torn file."""
-    file = pathlib.Path(file)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        tmp.replace(file)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(file: str | pathlib.Path, content: str | bytes) -> None:
-    """Writes through a temporary file and a rename, so a stopped process never leaves a torn file."""
-    with atomic_path(file) as tmp:
-        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,13 +299,18 @@ def predictions_file(workdir: str | pathlib.Path, split: str, checkpoint: str | 
     return pathlib.Path(workdir) / f"predictions_{split}_{checkpoint}.npz"
 
 
+def eval_report_name(split: str, checkpoint: str | int) -> str:
+    """The report an eval-only run of `split` with `checkpoint` writes in the workdir."""
+    return f"eval_{split}_{checkpoint}.json"
+
+
 def saved_predictions(workdir: str | pathlib.Path, split: str, checkpoint: str | int, step: int,
                       texts: Sequence[str]) -> dict | None:
     """The predictions an eval of `split` with `checkpoint` saved, if that eval scored checkpoint `step`
     on exactly these texts; else None (predict again)."""
     file = predictions_file(workdir, split, checkpoint)
     try:
-        report = json.loads((pathlib.Path(workdir) / f"eval_{split}_{checkpoint}.json").read_text())
+        report = json.loads((pathlib.Path(workdir) / eval_report_name(split, checkpoint)).read_text())
     except (OSError, ValueError):
         return None
     if (report.get("checkpoint_step") != step or report.get("texts_sha256") != metrics.texts_digest(texts)

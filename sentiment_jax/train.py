@@ -266,6 +266,6 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", which: str | i
     if jax.process_index() == 0:
         report.update(metrics_lib.test_time_additions(probs, encoded[split].labels, run.label_names, workdir,
                                                       f"{split}_{which}", validation))
-        runs.write_report(workdir, f"eval_{split}_{which}.json", report)
+        runs.write_report(workdir, runs.eval_report_name(split, which), report)
         print(metrics_lib.format_report(report, run.label_names), flush=True)
     return report

@@ -45,6 +45,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sentiment_jax import data as data_lib
+from sentiment_jax import files
 from sentiment_jax import input_pipeline
 from sentiment_jax import sharding
 from sentiment_jax import tokenization
@@ -241,11 +242,9 @@ def shared_extractor(backbone: Backbone, layers: tuple, label_words: tuple, mesh
 
 
 def _save(file: pathlib.Path, **arrays):
-    """np.savez through a temporary file, so a stopped job never leaves a torn file behind."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.rename(file)
+    with files.atomic_path(file) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def average_windows(features: dict[str, np.ndarray], owner: np.ndarray, n: int,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import time
 from typing import Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sentiment_jax import distributed, tokenization
+from sentiment_jax import distributed, files, tokenization
 
 EMBEDDINGS_FILE = "word2vec_{key}.npy"
 
@@ -152,8 +151,7 @@ def pretrained_embeddings(cfg, train_texts: Sequence[str], unlabeled_texts: Sequ
                       learning_rate=p.learning_rate, subsample=p.subsample, seed=cfg.seed)
         print(f"word2vec: {time.time() - t0:.0f} s", flush=True)
         table[tokenization.PAD_ID] = 0.0
-        tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, table.astype(np.float32))
-        tmp.rename(file)
+        with files.atomic_path(file) as tmp, open(tmp, "wb") as f:
+            np.save(f, table.astype(np.float32))
     distributed.sync("word2vec")
     return np.load(file)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from sentiment_jax import data, ensemble, export, exported, inference, interpret, metrics, predict, runs, serve, train
+from sentiment_jax import (data, ensemble, export, exported, files, inference, interpret, metrics, predict, runs, serve,
+                           train)
 from sentiment_jax.models import encoders
 from test_verbalizer import TEMPLATE, _tiny_bert
 
@@ -191,7 +192,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
     file = tmp_path / "curves.png"
     file.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="writer failed"):
-        with runs.atomic_path(file) as tmp:
+        with files.atomic_path(file) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("writer failed")
     assert [(f.name, f.read_bytes()) for f in tmp_path.iterdir()] == [("curves.png", b"old")]
