@@ -3,6 +3,7 @@
 # (../shared/bench/peers/bench_paired.py): our float32 against PyTorch float32 (the peer), our bfloat16
 # against PyTorch under bfloat16 autocast (benchmarks/torch_autocast_peer.py). Exact masking stays on.
 #   benchmarks/cpu_paired.sh uni [ROUNDS [STEPS]]       # or bi2; defaults 15 rounds, 10 (uni) / 3 (bi2) steps
+#   BACKEND=scan benchmarks/cpu_paired.sh uni            # ours on the scan instead of the CPU kernel
 # Needs the kit set up (its setup.sh: $PEERS_HOME with the arrays and torch-venv) and this checkout's
 # .venv (or $PYTHON). Prints the kit's table (ratios to PyTorch float32), then per-round ratios like for like.
 set -euo pipefail
@@ -13,7 +14,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
 export PEERS_HOME=${PEERS_HOME:-/tmp/peers}
 devices=${CPU_DEVICES:-$(nproc)}
-J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $py $repo/benchmarks/paired_lstm_contender.py --cpu_devices $devices --model $model"
+backend=${BACKEND:-cpu_kernel}
+J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $py $repo/benchmarks/paired_lstm_contender.py --cpu_devices $devices --model $model --backend $backend"
 TB="$PEERS_HOME/torch-venv/bin/python $repo/benchmarks/torch_autocast_peer.py --mode serve --model $model"
 raw="$PEERS_HOME/results/cpu_paired_${model}_$(date +%Y%m%d-%H%M%S).jsonl"
 cd "${PEERS_KIT:-$repo/../shared/bench/peers}"

@@ -140,6 +140,8 @@ def main(argv=None) -> None:
     ap.add_argument("--unroll", type=int, default=0, help="scan unroll; 0 keeps the config default")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="matmul operand dtype (model.dtype); gates, cell state and gradients stay float32")
+    ap.add_argument("--backend", choices=("scan", "cpu_kernel"), default="scan",
+                    help="model.lstm_backend: the scan, or the recurrence as CPU custom calls")
     ap.add_argument("--cpu_devices", type=int, default=0, help=">0: shard each batch over this many single-threaded CPU devices")
     ap.add_argument("--steps", type=int, default=0, help=">0: time this many steps, print one line, exit")
     args = ap.parse_args(argv)
@@ -147,7 +149,7 @@ def main(argv=None) -> None:
         sharding.use_cpu_devices(args.cpu_devices)
     with np.load(args.data) as f:
         ids, labels = f["x_train"].astype(np.int32), f["y_train"].astype(np.int32)
-    info, timed = contender(args.model, ids, labels, dtype=args.dtype, bucket_width=args.bucket_width,
+    info, timed = contender(args.model, ids, labels, dtype=args.dtype, backend=args.backend, bucket_width=args.bucket_width,
                             unroll=args.unroll, gemm_ceiling=True)
     if args.steps:
         print(json.dumps(dict(info, **timed(args.steps))), flush=True)

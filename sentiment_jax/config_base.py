@@ -85,7 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.word_dropout = 0.0  # recurrent: the fraction of tokens whose whole embedding is zeroed in training
     m.head_sizes = ()  # hidden layers of the MLP head
     m.unroll = 1  # lax.scan unroll
-    m.lstm_backend = "scan"  # scan | cudnn (LSTM on CUDA GPUs, float32; other platforms fall back to the scan)
+    # scan | cudnn (LSTM on CUDA GPUs, float32) | cpu_kernel (the LSTM recurrence as CPU custom calls,
+    # float32, compiled on first use) | auto (cpu_kernel where it builds, else the scan). cudnn and
+    # cpu_kernel fall back to the scan on other platforms.
+    m.lstm_backend = "scan"
     m.dtype = "float32"  # matmul/activation dtype (float32 | bfloat16); parameters, LSTM state stay float32
 
     # A frozen pretrained encoder whose features feed the model when data.inputs = "backbone_features".
@@ -349,8 +352,8 @@ def check_recurrent(m) -> None:
                                          and all(isinstance(b, bool) for b in bi)):
         raise ValueError(f"model.bidirectional must be True, False or one bool per layer of model.hidden_sizes "
                          f"{tuple(m.hidden_sizes)}, got {bi!r}")
-    if m.lstm_backend == "cudnn" and m.name != "lstm":
-        raise ValueError(f"model.lstm_backend 'cudnn' runs LSTM cells only, not model.name '{m.name}'; "
+    if m.lstm_backend in ("cudnn", "cpu_kernel") and m.name != "lstm":
+        raise ValueError(f"model.lstm_backend '{m.lstm_backend}' runs LSTM cells only, not model.name '{m.name}'; "
                          "set --config.model.lstm_backend=scan")
 
 

@@ -6,7 +6,9 @@
   two so that it divides the batch;
 - malloc: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, transparent huge pages for XLA's large temporaries;
 - dtype: `--config.model.dtype=bfloat16` only where the CPU has bfloat16 matmul units (avx512_bf16 or
-  amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32.
+  amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32;
+- LSTM: `--config.model.lstm_backend=auto`, the recurrence as compiled CPU custom calls wherever a C++
+  compiler builds them (cpu_kernels.py), else the scan; models without LSTM layers ignore it.
 
 Measured in docs/results.md § Speed: devices and malloc 1.5x on 2 cores, bfloat16 a further 1.3-1.5x
 on AVX512-BF16 at the same IMDB accuracy. A setting the command (or, for malloc, the environment)
@@ -36,7 +38,7 @@ def choose(cores: int, flags: set[str]) -> dict:
     while devices * 2 <= cores:
         devices *= 2
     return {"cpu_devices": devices, "dtype": "bfloat16" if flags & set(BF16_FLAGS) else "float32",
-            "malloc": HUGE_PAGES}
+            "lstm_backend": "auto", "malloc": HUGE_PAGES}
 
 
 def apply(command: list[str], env: dict, settings: dict) -> tuple[list[str], dict]:
@@ -47,6 +49,8 @@ def apply(command: list[str], env: dict, settings: dict) -> tuple[list[str], dic
         command.append(f"--cpu_devices={settings['cpu_devices']}")
     if not given("--config.model.dtype"):
         command.append(f"--config.model.dtype={settings['dtype']}")
+    if not given("--config.model.lstm_backend"):
+        command.append(f"--config.model.lstm_backend={settings['lstm_backend']}")
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = f"{tunables}:{settings['malloc']}" if tunables else settings["malloc"]

@@ -118,6 +118,7 @@ def export(run: runs.Run, output: str | pathlib.Path, *, platforms: Sequence[str
     output = pathlib.Path(output)
     if output.exists() and not exported.is_export(output) and any(output.iterdir()):
         raise ValueError(f"--output={output} exists and is not an export folder; choose a new folder")
+    run = runs.portable(run)  # no platform's custom calls in a program meant to run anywhere
     program = (backbone_program if run.encoder.kind == "backbone_features" else token_program)(run)
     lengths = buckets.length_buckets(run.cfg.data.max_length)
     batch = jax.export.symbolic_shape("batch")[0]

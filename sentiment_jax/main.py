@@ -41,7 +41,7 @@ def main(argv):
         return predict_export(argv)
     import jax
 
-    from sentiment_jax import checkpoints, data, distributed, predict, runs, sharding, train
+    from sentiment_jax import checkpoints, cpu_kernels, data, distributed, predict, runs, sharding, train
     from sentiment_jax._extras import MissingExtra
 
     if FLAGS.cpu_devices:
@@ -71,7 +71,8 @@ def main(argv):
             train.evaluate(workdir, split=FLAGS.split or cfg.eval.split, which=FLAGS.checkpoint or cfg.eval.checkpoint,
                            mesh_config=FLAGS.config.mesh if given else None,
                            calibrate=FLAGS.config.eval.calibrate if given else None)
-    except (data.DataError, checkpoints.CheckpointError, MissingExtra, FileNotFoundError, ValueError, KeyError) as e:
+    except (data.DataError, checkpoints.CheckpointError, cpu_kernels.KernelError, MissingExtra, FileNotFoundError,
+            ValueError, KeyError) as e:
         logging.debug("error details", exc_info=True)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         logging.set_verbosity(logging.FATAL)  # nothing from the libraries after the one line

@@ -237,6 +237,17 @@ class Run:
         return np.asarray(self.predict_step(self.params, self.rest, arrays["ids"], arrays["mask"]))[:len(texts)]
 
 
+def portable(run: Run) -> Run:
+    """The run with its model on the scan (model.lstm_backend), which every platform has, in place of a
+    platform's custom calls (cuDNN's, the CPU kernel's): the same function, and what an export holds."""
+    if run.cfg.model.lstm_backend == "scan":
+        return run
+    cfg = run.cfg.copy_and_resolve_references()
+    cfg.model.lstm_backend = "scan"
+    graphdef = state.model_shapes(cfg, run.mesh, run.encoder.vocab_size, len(run.label_names)).graphdef
+    return dataclasses.replace(run, cfg=cfg, graphdef=graphdef)
+
+
 def load(workdir: str | pathlib.Path, checkpoint: str | int = "best", *, mesh_config=None) -> Run:
     """One checkpoint ('best', 'latest' or a step) of the run in `workdir`, restored onto this process's
     devices (or onto the mesh of `mesh_config`, e.g. another device count) without building an optimizer."""

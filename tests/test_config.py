@@ -150,7 +150,10 @@ TRANSFORMER = {"model.name": "transformer", "model.pooling": "mean", "data.max_l
      "model.bidirectional must be True, False or one bool per layer of model.hidden_sizes (8, 8), got (True,)"),
     ({"model.name": "gru", "model.lstm_backend": "cudnn"},
      "model.lstm_backend 'cudnn' runs LSTM cells only, not model.name 'gru'; set --config.model.lstm_backend=scan"),
-    ({"model.lstm_backend": "cuda"}, "unknown model.lstm_backend 'cuda'; choose one of ['scan', 'cudnn']"),
+    ({"model.lstm_backend": "cuda"}, "unknown model.lstm_backend 'cuda'; choose one of ['scan', 'cudnn', 'cpu_kernel', "
+                                     "'auto']"),
+    ({"model.name": "rnn", "model.lstm_backend": "cpu_kernel"},
+     "model.lstm_backend 'cpu_kernel' runs LSTM cells only, not model.name 'rnn'; set --config.model.lstm_backend=scan"),
     ({"model.bag_weights": "tfidf"}, "unknown model.bag_weights 'tfidf'; choose one of ['uniform', 'idf']"),
     ({"data.tokenizer.char_ngrams": (5, 3)}, "data.tokenizer.char_ngrams must be (shortest, longest), e.g. (3, 5), "
      "got (5, 3)"),

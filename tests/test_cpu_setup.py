@@ -26,10 +26,10 @@ def test_flags_are_those_every_processor_reports():
 
 
 def test_choice_by_cores_and_flags():
-    assert cpu_setup.choose(2, {"avx2", "fma"}) == {"cpu_devices": 2, "dtype": "float32",
+    assert cpu_setup.choose(2, {"avx2", "fma"}) == {"cpu_devices": 2, "dtype": "float32", "lstm_backend": "auto",
                                                    "malloc": "glibc.malloc.hugetlb=1"}
     assert cpu_setup.choose(6, {"avx512_bf16"})["cpu_devices"] == 4  # a power of two divides the batch
-    assert cpu_setup.choose(1, {"amx_bf16"}) == {"cpu_devices": 1, "dtype": "bfloat16",
+    assert cpu_setup.choose(1, {"amx_bf16"}) == {"cpu_devices": 1, "dtype": "bfloat16", "lstm_backend": "auto",
                                                 "malloc": "glibc.malloc.hugetlb=1"}
     assert cpu_setup.choose(16, {"avx512f", "avx512_vnni"})["dtype"] == "float32"  # AVX-512 without BF16
 
@@ -38,11 +38,11 @@ def test_what_the_command_or_environment_gives_is_kept():
     settings = cpu_setup.choose(2, {"avx512_bf16"})
     command, env = cpu_setup.apply(["python", "--cpu_devices=8"], {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
                                    settings)
-    assert command == ["python", "--cpu_devices=8", "--config.model.dtype=bfloat16"]
+    assert command == ["python", "--cpu_devices=8", "--config.model.dtype=bfloat16", "--config.model.lstm_backend=auto"]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    command, env = cpu_setup.apply(["python", "--config.model.dtype=float32"],
+    command, env = cpu_setup.apply(["python", "--config.model.dtype=float32", "--config.model.lstm_backend=scan"],
                                    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, settings)
-    assert command == ["python", "--config.model.dtype=float32", "--cpu_devices=2"]
+    assert command == ["python", "--config.model.dtype=float32", "--config.model.lstm_backend=scan", "--cpu_devices=2"]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
@@ -56,5 +56,5 @@ def test_runs_the_command_with_the_settings_of_this_machine():
     flags = cpu_setup.cpu_flags(open("/proc/cpuinfo").read())
     expected = cpu_setup.choose(len(os.sched_getaffinity(0)), flags)
     assert proc.stdout.split() == ["glibc.malloc.hugetlb=1", "x", f"--cpu_devices={expected['cpu_devices']}",
-                                   f"--config.model.dtype={expected['dtype']}"]
+                                   f"--config.model.dtype={expected['dtype']}", "--config.model.lstm_backend=auto"]
     assert proc.stderr.startswith("cpu_setup: ") and proc.stderr.count("\n") == 1

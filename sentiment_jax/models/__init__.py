@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from sentiment_jax import cpu_kernels
 from sentiment_jax.models import bag, heads, recurrent, transformer
 
 # Parameters carry logical axis names; the mesh mapping is applied later (see sharding.py).
@@ -24,13 +25,27 @@ nnx.use_eager_sharding(False)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def lstm_backend(requested: str) -> str:
+    """What an LSTM layer runs for model.lstm_backend on this platform. The same config runs
+    everywhere: the scan computes the same function, so it stands in where the choice cannot run,
+    and 'auto' takes the CPU kernel wherever it builds."""
+    platform = jax.default_backend()
+    if requested == "auto":
+        return "cpu_kernel" if platform == "cpu" and cpu_kernels.builds() else "scan"
+    if requested == "cudnn" and not recurrent.cudnn_available():
+        logging.warning("model.lstm_backend 'cudnn' needs a CUDA GPU; using the scan on %s", platform)
+        return "scan"
+    if requested == "cpu_kernel":
+        if platform != "cpu":
+            logging.warning("model.lstm_backend 'cpu_kernel' runs on CPUs; using the scan on %s", platform)
+            return "scan"
+        cpu_kernels.register()  # asked for by name: a build failure is an error, not a fallback
+    return requested
+
+
 def _recurrent(cell: str) -> Callable:
     def build(cfg, vocab_size: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
-        backend = cfg.lstm_backend
-        if backend == "cudnn" and cell == "lstm" and not recurrent.cudnn_available():
-            # The same config runs everywhere; the scan computes the same function.
-            logging.warning("model.lstm_backend 'cudnn' needs a CUDA GPU; using the scan on %s", jax.default_backend())
-            backend = "scan"
+        backend = lstm_backend(cfg.lstm_backend) if cell == "lstm" else "scan"
         return recurrent.RecurrentClassifier(
             vocab_size=vocab_size, num_outputs=num_outputs, cell=cell,
             embed_dim=cfg.embed_dim, hidden_sizes=tuple(cfg.hidden_sizes),

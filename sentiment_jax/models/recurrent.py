@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sentiment_jax import sharding
+from sentiment_jax import cpu_kernels, sharding
 from sentiment_jax.models.from_data import TrainingData, start_embeddings
 from sentiment_jax.models.pooling import AttentionPool, masked_pool
 
@@ -122,11 +122,18 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
     if isinstance(cell, LSTMCell):
-        w_x, b, w_h = (p[...] for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
-        # Time-major by transposing x, not the 4x wider projection.
-        final, outputs = _lstm_scan(x.swapaxes(0, 1), w_x, b, mask.T, w_h, reverse, unroll)
-        return final.astype(x.dtype), outputs.swapaxes(0, 1)
+        weights = tuple(p[...] for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
+        return lstm_direction(weights, x, mask, reverse=reverse, unroll=unroll)
     return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
+
+
+def lstm_direction(weights, x: jax.Array, mask: jax.Array, *, reverse: bool, unroll: int = 1,
+                   backend: str = "scan") -> tuple[jax.Array, jax.Array]:
+    """One LSTM direction from its (input kernel, bias, recurrent kernel), as `scan_direction`."""
+    w_x, b, w_h = weights
+    # Time-major by transposing x, not the 4x wider projection.
+    final, outputs = _lstm_scan(x.swapaxes(0, 1), w_x, b, mask.T, w_h, reverse, unroll, backend)
+    return final.astype(x.dtype), outputs.swapaxes(0, 1)
 
 
 def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
@@ -177,9 +184,12 @@ def _gate_constants(hidden: int, dtype):
     return scale, shift
 
 
-def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals):
+def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals):
     w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
     xp = _matmul(x, w_x)
+    if backend == "cpu_kernel":  # the same steps as the scan below, as one custom call
+        hs, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse)
+        return (hs[0] if reverse else hs[-1], jnp.where(mask[..., None], hs, 0).astype(x.dtype)), (hs, cs, gates)
     zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)
     scale, shift = _gate_constants(w_h.shape[0], jnp.float32)
 
@@ -207,18 +217,18 @@ def _previous(seq, reverse):
     return jnp.concatenate([seq[1:], zeros]) if reverse else jnp.concatenate([zeros, seq[:-1]])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _lstm_scan(x, w_x, b, mask, w_h, reverse, unroll):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lstm_scan(x, w_x, b, mask, w_h, reverse, unroll, backend):
     """(final h [B, H], outputs [T, B, H]) of x [T, B, E]; zero outputs on padded steps."""
-    return _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals=False)[0]
+    return _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals=False)[0]
 
 
-def _lstm_scan_fwd(x, w_x, b, mask, w_h, reverse, unroll):
-    out, saved = _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, keep_residuals=True)
+def _lstm_scan_fwd(x, w_x, b, mask, w_h, reverse, unroll, backend):
+    out, saved = _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals=True)
     return out, (saved, x, mask, w_x, w_h)
 
 
-def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
+def _lstm_scan_bwd(reverse, unroll, backend, residuals, cotangents):
     (hs, cs, gates), x, mask, w_x, w_h = residuals
     d_final, d_outputs = cotangents
     d_final, d_outputs = d_final.astype(jnp.float32), d_outputs.astype(jnp.float32)
@@ -237,9 +247,12 @@ def _lstm_scan_bwd(reverse, unroll, residuals, cotangents):
                               dc_new * i * (1 - g ** 2), dh_step * tanh_c * o * (1 - o)], axis=-1)
         return (_matmul(dz, w_t) + dh - dh_step, dc_new * f + dc - dc_step), dz
 
-    _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
-                         (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
-                         unroll=unroll)
+    if backend == "cpu_kernel":
+        dz = cpu_kernels.lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse)
+    else:
+        _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
+                             (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
+                             unroll=unroll)
     # Contract over time and batch together as one GEMM. No reshape to [T*B, ...]: with the batch
     # sharded over devices that reshape would force an all-gather, where this needs one all-reduce.
     inputs = jnp.concatenate([x, _previous(hs, reverse).astype(x.dtype)], axis=-1)
@@ -260,7 +273,7 @@ _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 # back; padded outputs are zeroed, as the scan does. The kernel only exists on GPUs, so
 # tests run this wrapper with JAX's reference implementation of the same kernel in its place.
 
-BACKENDS = ("scan", "cudnn")
+BACKENDS = ("scan", "cudnn", "cpu_kernel", "auto")
 
 
 def cudnn_available() -> bool:
@@ -307,6 +320,14 @@ def cudnn_layer(weights: jax.Array, x: jax.Array, mask: jax.Array, *, hidden: in
     return final.astype(x.dtype), outputs.astype(x.dtype)
 
 
+def kernel_layer(weights, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One LSTM layer on the CPU custom calls: `weights` per direction (forward, then backward)."""
+    # Typed as varying over the devices like x, so that JAX itself sums the weights' gradients over them.
+    weights = cpu_kernels.varying_like(weights, x)
+    results = [lstm_direction(w, x, mask, reverse=bool(d), backend="cpu_kernel") for d, w in enumerate(weights)]
+    return tuple(jnp.concatenate(parts, axis=-1) for parts in zip(*results))
+
+
 class RecurrentLayer(nnx.Module):
     """One uni- or bidirectional layer; outputs concatenate [forward, backward] features."""
 
@@ -324,6 +345,11 @@ class RecurrentLayer(nnx.Module):
             run = functools.partial(cudnn_layer, hidden=self.forward.hidden, bidirectional=len(cells) == 2)
             # A custom call the compiler cannot split by batch: run it on each device's rows.
             return sharding.map_batch_shards(run, cudnn_weights(cells), x, mask)
+        if self.backend == "cpu_kernel":
+            cells = [c for c in (self.forward, self.backward) if c is not None]
+            weights = [tuple(p[...] for p in (c.input_kernel, c.bias, c.recurrent_kernel)) for c in cells]
+            # A custom call, like cuDNN's: each device runs it on its own rows.
+            return sharding.map_batch_shards(kernel_layer, weights, x, mask)
         final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
         if self.backward is not None:
             final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)

@@ -1,0 +1,117 @@
+"""The LSTM recurrence as XLA custom calls on CPU (`model.lstm_backend="cpu_kernel"`).
+
+`csrc/lstm_cpu.cc` holds the two sequential loops of an LSTM layer, forward and gradient, in C++
+against XLA's FFI. It is compiled on first use with the machine's C++ compiler and `-march=native`
+(the vector width and instructions of the CPU that runs it), cached under
+$SENTIMENT_JAX_CACHE/kernels keyed by source, jaxlib and flags, and registered with XLA.
+The scan in models/recurrent.py is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "lstm_cpu.cc"
+# -fno-trapping-math lets the gate loops vectorise (nothing here relies on floating-point traps).
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"forward": "sentiment_jax_lstm_forward", "backward": "sentiment_jax_lstm_backward"}
+
+
+class KernelError(RuntimeError):
+    """The kernel could not be built or loaded; the message says why and what to do."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise KernelError("model.lstm_backend 'cpu_kernel' needs a C++17 compiler (c++, g++ or clang++, or $CXX) "
+                      "and none was found; install one or set --config.model.lstm_backend=scan")
+
+
+def _library_path(compiler: str) -> pathlib.Path:
+    from sentiment_jax.data import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, jax.lib.__version__, *FLAGS)).encode())
+    return cache_dir() / "kernels" / f"lstm_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build() -> pathlib.Path:
+    """The compiled library, built here once per source, jaxlib version and compiler."""
+    compiler = _compiler()
+    library = _library_path(compiler)
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    tmp = library.with_name(f".{library.name}.{os.getpid()}.tmp")
+    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KernelError(f"compiling {SOURCE.name} failed ({last}); "
+                              "set --config.model.lstm_backend=scan to train without it")
+        tmp.replace(library)  # atomic: processes building at once each leave a whole library
+    finally:
+        tmp.unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def register() -> None:
+    """Builds (if needed), loads and registers both custom calls with XLA; once per process."""
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
+    jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
+
+
+def builds() -> bool:
+    """Whether the kernel can be built and loaded here; says why not in the log."""
+    try:
+        register()
+    except KernelError as e:
+        logging.warning("%s; the LSTM runs on the scan", e)
+        return False
+    return True
+
+
+def varying_like(outputs, like: jax.Array):
+    """`outputs` typed as varying over the manual mesh axes `like` varies over (inside shard_map),
+    as a custom call's results are not."""
+    axis_type = getattr(jax.typeof(like), "manual_axis_type", None)
+    axes = tuple(sorted(axis_type.varying)) if axis_type is not None else ()
+    return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), outputs) if axes else outputs
+
+
+def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool):
+    """(hs, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection), bias [4H],
+    w_h [H, 4H], mask [T, B]. hs and cs [T, B, H] are the carries after each step; gates [T, B, 4H]
+    the activated i, f, g, o."""
+    register()
+    steps, batch, width = xp.shape
+    carry = jax.ShapeDtypeStruct((steps, batch, width // 4), jnp.float32)
+    call = jax.ffi.ffi_call(TARGETS["forward"], (carry, carry, jax.ShapeDtypeStruct(xp.shape, jnp.float32)))
+    outputs = call(xp.astype(jnp.float32), b.astype(jnp.float32), w_h.astype(jnp.float32), mask.astype(bool),
+                   reverse=bool(reverse))
+    return varying_like(outputs, xp)
+
+
+def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool) -> jax.Array:
+    """dz [T, B, 4H], the cotangents of the gate pre-activations, from the forward's gates and cs, the
+    outputs' and final state's cotangents, and w_h [H, 4H]."""
+    register()
+    call = jax.ffi.ffi_call(TARGETS["backward"], jax.ShapeDtypeStruct(gates.shape, jnp.float32))
+    f32 = lambda a: a.astype(jnp.float32)
+    dz = call(f32(gates), f32(cs), f32(d_outputs), f32(d_final), mask.astype(bool), f32(w_h).T,
+              reverse=bool(reverse))
+    return varying_like(dz, gates)
