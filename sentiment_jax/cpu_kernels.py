@@ -93,25 +93,26 @@ def varying_like(outputs, like: jax.Array):
     return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), outputs) if axes else outputs
 
 
-def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool):
+def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool, bfloat16: bool):
     """(hs, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection), bias [4H],
     w_h [H, 4H], mask [T, B]. hs and cs [T, B, H] are the carries after each step; gates [T, B, 4H]
-    the activated i, f, g, o."""
+    the activated i, f, g, o. `bfloat16`: h @ w_h on AMX bfloat16 tiles (float32 sums) where the CPU
+    has them and B, H are multiples of 32 (8 for H); float32 elsewhere."""
     register()
     steps, batch, width = xp.shape
     carry = jax.ShapeDtypeStruct((steps, batch, width // 4), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS["forward"], (carry, carry, jax.ShapeDtypeStruct(xp.shape, jnp.float32)))
     outputs = call(xp.astype(jnp.float32), b.astype(jnp.float32), w_h.astype(jnp.float32), mask.astype(bool),
-                   reverse=bool(reverse))
+                   reverse=bool(reverse), bfloat16=bool(bfloat16))
     return varying_like(outputs, xp)
 
 
-def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool) -> jax.Array:
+def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool, bfloat16: bool) -> jax.Array:
     """dz [T, B, 4H], the cotangents of the gate pre-activations, from the forward's gates and cs, the
     outputs' and final state's cotangents, and w_h [H, 4H]."""
     register()
     call = jax.ffi.ffi_call(TARGETS["backward"], jax.ShapeDtypeStruct(gates.shape, jnp.float32))
     f32 = lambda a: a.astype(jnp.float32)
     dz = call(f32(gates), f32(cs), f32(d_outputs), f32(d_final), mask.astype(bool), f32(w_h).T,
-              reverse=bool(reverse))
+              reverse=bool(reverse), bfloat16=bool(bfloat16))
     return varying_like(dz, gates)

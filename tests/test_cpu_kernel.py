@@ -63,6 +63,28 @@ def test_gradients_match_autodiff_of_the_generic_scan(side, hidden):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
 
+def test_bfloat16_matmuls_track_the_float32_reference():
+    """A bfloat16 model, 32 rows and 64 units: the per-step matmuls on AMX bfloat16 tiles where the CPU has
+    them (else float32) stay within bfloat16 rounding of the float32 reference."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 31, 32)
+    x, mask = pad_batch([rng.normal(size=(n, 16)).astype(np.float32) for n in lengths], 30, "pre")
+    layer = kernel_layer(16, 64, bidirectional=True, seed=6)
+    graphdef, params = nnx.split(layer)
+    w_out = jnp.asarray(rng.normal(size=(32, 30, 128)), jnp.float32)
+
+    def loss(params, x, kernel):
+        model = nnx.merge(graphdef, params)
+        final, outputs = model(x, mask) if kernel else reference_layer(model, x, mask)
+        return jnp.sum(outputs.astype(jnp.float32) * w_out) + jnp.sum(final.astype(jnp.float32))
+
+    low = jax.value_and_grad(loss)(params, jnp.asarray(x, jnp.bfloat16), True)
+    ref = jax.value_and_grad(loss)(params, jnp.asarray(x), False)
+    for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(ref)):
+        assert a.dtype == jnp.float32
+        assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(b)  # the scan's bfloat16 test allows the same
+
+
 def test_a_non_finite_input_reaches_the_output():
     """The divergence check sees NaN loss: the kernel's own exp must not swallow it."""
     layer = kernel_layer(4, 64, bidirectional=False)

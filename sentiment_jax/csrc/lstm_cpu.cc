@@ -7,12 +7,19 @@
 //
 // Layouts are time-major and row-major: xp, gates, dz [T, B, 4H]; bias [4H]; hs, cs, d_outputs [T, B, H];
 // mask [T, B]; w [H, 4H] (forward) or w^T [4H, H] (backward). Gate order i, f, g, o.
-// Everything is float32. Built with -march=native on the machine that runs it (cpu_kernels.py).
+// Arrays are float32; with `bfloat16` the per-step matmul runs on AMX bfloat16 tiles where the CPU has
+// them (float32 sums), as the scan's bfloat16 matmuls round their operands. Built with -march=native on
+// the machine that runs it (cpu_kernels.py).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -79,6 +86,116 @@ void MatMulAcc(const float* a, int64_t m, int64_t k, const float* w, bool packed
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX: bfloat16 tile matmuls with float32 sums, for bfloat16 models on CPUs that have them. Tiles are
+// 16 rows of 64 bytes: a [16, 32] bfloat16, w [32, 16] as 16 rows of bfloat16 pairs, c [16, 16] float32.
+
+// The kernel asks Linux once per process for the AMX tile state.
+bool AmxUsable() {
+  static const bool usable = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return usable;
+}
+
+inline uint16_t ToBf16(float x) {  // round to nearest even, as the hardware conversion does
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+class AmxMatMul {
+ public:
+  // Usable for a[M, K] @ w[K, N] when M, K and N are multiples of 32.
+  static bool Fits(int64_t m, int64_t k, int64_t n) { return m % 32 == 0 && k % 32 == 0 && n % 32 == 0 && AmxUsable(); }
+
+  AmxMatMul(const float* w, int64_t k, int64_t n) : k_(k), n_(n), tiles_(k * n / 2) {
+    for (int64_t nc = 0; nc < n / 16; ++nc)
+      for (int64_t kc = 0; kc < k / 32; ++kc)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t j = 0; j < 16; ++j) {
+            const int64_t row = kc * 32 + 2 * r, col = nc * 16 + j;
+            tiles_[((nc * (k / 32) + kc) * 16 + r) * 16 + j] =
+                ToBf16(w[row * n + col]) | static_cast<uint32_t>(ToBf16(w[(row + 1) * n + col])) << 16;
+          }
+    for (int t = 0; t < 8; ++t) config_.colsb[t] = 64, config_.rows[t] = 16;
+  }
+
+  // c[M, N] += a[M, K] @ w: tiles 0-3 hold a 32 x 32 block of c, 4-5 two row blocks of a, 6-7 two of w.
+  void MulAcc(const float* a, int64_t m, float* c) {
+    a_bf16_.resize(m * k_);
+    for (int64_t i = 0; i < m * k_; ++i) a_bf16_[i] = ToBf16(a[i]);
+    _tile_loadconfig(&config_);
+    const int64_t ldc = n_ * sizeof(float), lda = k_ * sizeof(uint16_t);
+    for (int64_t n0 = 0; n0 < n_; n0 += 32)
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        float* c0 = c + m0 * n_ + n0;
+        _tile_loadd(0, c0, ldc);
+        _tile_loadd(1, c0 + 16, ldc);
+        _tile_loadd(2, c0 + 16 * n_, ldc);
+        _tile_loadd(3, c0 + 16 * n_ + 16, ldc);
+        for (int64_t k0 = 0; k0 < k_; k0 += 32) {
+          _tile_loadd(4, &a_bf16_[m0 * k_ + k0], lda);
+          _tile_loadd(5, &a_bf16_[(m0 + 16) * k_ + k0], lda);
+          _tile_loadd(6, &tiles_[((n0 / 16) * (k_ / 32) + k0 / 32) * 256], 64);
+          _tile_loadd(7, &tiles_[((n0 / 16 + 1) * (k_ / 32) + k0 / 32) * 256], 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c0, ldc);
+        _tile_stored(1, c0 + 16, ldc);
+        _tile_stored(2, c0 + 16 * n_, ldc);
+        _tile_stored(3, c0 + 16 * n_ + 16, ldc);
+      }
+    _tile_release();
+  }
+
+ private:
+  int64_t k_, n_;
+  std::vector<uint32_t> tiles_;
+  std::vector<uint16_t> a_bf16_;
+  TileConfig config_;
+};
+#endif
+
+// The per-step c[M, N] += a[M, K] @ W[K, N] with W fixed over the steps: AMX bfloat16 tiles for a
+// bfloat16 model where the CPU has them (a rounded to bfloat16 as the scan's bfloat16 matmuls do),
+// else float32, W packed into panels where N allows.
+class StepMatMul {
+ public:
+  StepMatMul(const float* w, int64_t m, int64_t k, int64_t n, bool bf16)
+      : k_(k), n_(n), packed_(n % kPanel == 0) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (bf16 && AmxMatMul::Fits(m, k, n)) {
+      amx_ = std::make_unique<AmxMatMul>(w, k, n);
+      return;
+    }
+#endif
+    w_ = packed_ ? Pack(w, k, n) : std::vector<float>(w, w + k * n);
+  }
+
+  void MulAcc(const float* a, int64_t m, float* c) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_) return amx_->MulAcc(a, m, c);
+#endif
+    MatMulAcc(a, m, k_, w_.data(), packed_, n_, c);
+  }
+
+ private:
+  int64_t k_, n_;
+  bool packed_;
+  std::vector<float> w_;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  std::unique_ptr<AmxMatMul> amx_;
+#endif
+};
+
 // exp(x) without a libm call, so the gate loops vectorise: 2^n * e^r, |r| <= ln2 / 2, with a
 // degree-6 polynomial (Cephes' expf coefficients), about 1 ulp. NaN passes through.
 inline float Exp(float x) {
@@ -141,16 +258,14 @@ inline int64_t StepAt(int64_t i, int64_t steps, bool reverse) { return reverse ?
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
                            ffi::Buffer<ffi::PRED> mask,
                            ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
-                           ffi::ResultBuffer<ffi::F32> gates, bool reverse) {
+                           ffi::ResultBuffer<ffi::F32> gates, bool reverse, bool bf16) {
   const auto dims = xp.dimensions();
   if (dims.size() != 3 || w_h.dimensions().size() != 2 || w_h.dimensions()[1] != dims[2] ||
       dims[2] != 4 * w_h.dimensions()[0] || bias.element_count() != dims[2])
     return ffi::Error::InvalidArgument("lstm_forward: expected xp [T, B, 4H], bias [4H] and w_h [H, 4H]");
   const Shape s{dims[0], dims[1], w_h.dimensions()[0]};
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  const bool packed = h4 % kPanel == 0;
-  const std::vector<float> w = packed ? Pack(w_h.typed_data(), s.hidden, h4)
-                                      : std::vector<float>(w_h.typed_data(), w_h.typed_data() + s.hidden * h4);
+  StepMatMul w(w_h.typed_data(), s.batch, s.hidden, h4, bf16);
   const std::vector<float> zeros(bh, 0.0f);
   const float* x = xp.typed_data();
   const bool* m = mask.typed_data();
@@ -163,7 +278,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias,
     const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
     float* g = g_all + t * bh4;
     for (int64_t b = 0; b < s.batch; ++b) AddBias(x + t * bh4 + b * h4, bias.typed_data(), h4, g + b * h4);
-    MatMulAcc(h_prev, s.batch, s.hidden, w.data(), packed, h4, g);
+    w.MulAcc(h_prev, s.batch, g);
     for (int64_t b = 0; b < s.batch; ++b) {
       float* gb = g + b * h4;
       const float* hp = h_prev + b * s.hidden;
@@ -186,16 +301,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias,
 
 ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> d_outputs,
                             ffi::Buffer<ffi::F32> d_final, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> w_t,
-                            ffi::ResultBuffer<ffi::F32> dz_out, bool reverse) {
+                            ffi::ResultBuffer<ffi::F32> dz_out, bool reverse, bool bf16) {
   const auto dims = cs.dimensions();
   if (dims.size() != 3 || w_t.dimensions().size() != 2 || w_t.dimensions()[0] != 4 * dims[2] ||
       w_t.dimensions()[1] != dims[2])
     return ffi::Error::InvalidArgument("lstm_backward: expected cs [T, B, H] and w_t [4H, H]");
   const Shape s{dims[0], dims[1], dims[2]};
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  const bool packed = s.hidden % kPanel == 0;
-  const std::vector<float> w = packed ? Pack(w_t.typed_data(), h4, s.hidden)
-                                      : std::vector<float>(w_t.typed_data(), w_t.typed_data() + h4 * s.hidden);
+  StepMatMul w(w_t.typed_data(), s.batch, h4, s.hidden, bf16);
   const std::vector<float> zeros(bh, 0.0f);
   std::vector<float> dh(d_final.typed_data(), d_final.typed_data() + bh), dc(bh, 0.0f);
   std::vector<float> dh_next(bh);
@@ -222,7 +335,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> c
                    do_all + t * bh + b * s.hidden, s.hidden, dhb, dcb, dzb);
       std::memset(dhn, 0, s.hidden * sizeof(float));
     }
-    MatMulAcc(dz, s.batch, h4, w.data(), packed, s.hidden, dh_next.data());
+    w.MulAcc(dz, s.batch, dh_next.data());
     dh.swap(dh_next);
   }
   return ffi::Error::Success();
@@ -239,7 +352,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()   // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gates
-                                  .Attr<bool>("reverse"));
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("bfloat16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
@@ -250,4 +364,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h^T
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dz
-                                  .Attr<bool>("reverse"));
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("bfloat16"));

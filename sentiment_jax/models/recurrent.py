@@ -188,7 +188,7 @@ def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals
     w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
     xp = _matmul(x, w_x)
     if backend == "cpu_kernel":  # the same steps as the scan below, as one custom call
-        hs, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse)
+        hs, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse, bfloat16=x.dtype == jnp.bfloat16)
         return (hs[0] if reverse else hs[-1], jnp.where(mask[..., None], hs, 0).astype(x.dtype)), (hs, cs, gates)
     zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)
     scale, shift = _gate_constants(w_h.shape[0], jnp.float32)
@@ -248,7 +248,8 @@ def _lstm_scan_bwd(reverse, unroll, backend, residuals, cotangents):
         return (_matmul(dz, w_t) + dh - dh_step, dc_new * f + dc - dc_step), dz
 
     if backend == "cpu_kernel":
-        dz = cpu_kernels.lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse)
+        dz = cpu_kernels.lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse,
+                                       bfloat16=x.dtype == jnp.bfloat16)
     else:
         _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
                              (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
