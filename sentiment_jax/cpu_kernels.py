@@ -3,7 +3,8 @@
 `csrc/lstm_cpu.cc` holds the two sequential loops of an LSTM layer, forward and gradient, in C++
 against XLA's FFI. It is compiled on first use with the machine's C++ compiler and `-march=native`
 (the vector width and instructions of the CPU that runs it), cached under
-$SENTIMENT_JAX_CACHE/kernels keyed by source, jaxlib and flags, and registered with XLA.
+$SENTIMENT_JAX_CACHE/kernels keyed by source, compiler, jaxlib, flags and the CPU's instruction sets,
+and registered with XLA.
 The scan in models/recurrent.py is the reference it is tested against.
 """
 
@@ -14,12 +15,15 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+
+from sentiment_jax import cpu_setup
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "lstm_cpu.cc"
 # -fno-trapping-math lets the gate loops vectorise (nothing here relies on floating-point traps).
@@ -39,10 +43,18 @@ def _compiler() -> str:
                       "and none was found; install one or set --config.model.lstm_backend=scan")
 
 
+def _cpu() -> str:
+    """The instruction sets -march=native builds for: a cache shared by several machines keeps one
+    library per CPU kind, never one another CPU cannot run."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    flags = cpu_setup.cpu_flags(cpuinfo.read_text()) if cpuinfo.is_file() else set()
+    return " ".join([platform.machine(), *sorted(flags)])
+
+
 def _library_path(compiler: str) -> pathlib.Path:
     from sentiment_jax.data import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, jax.lib.__version__, *FLAGS)).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, jax.lib.__version__, *FLAGS, _cpu())).encode())
     return cache_dir() / "kernels" / f"lstm_cpu-{key.hexdigest()[:16]}.so"
 
 

@@ -11,6 +11,7 @@
 // them (float32 sums), as the scan's bfloat16 matmuls round their operands. Built with -march=native on
 // the machine that runs it (cpu_kernels.py).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,9 +49,9 @@ std::vector<float> Pack(const float* w, int64_t k, int64_t n) {
   return packed;
 }
 
-// c[R, kPanel] += a[R, K] @ panel[K, kPanel], accumulators in registers.
+// c[R, kPanel] += a[R, k] @ panel[k, kPanel] (rows of a lda apart), accumulators in registers.
 template <int R>
-inline void MicroTile(const float* a, int64_t k, const float* panel, float* c, int64_t ldc) {
+inline void MicroTile(const float* a, int64_t lda, int64_t k, const float* panel, float* c, int64_t ldc) {
   Vec acc[R][kVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = *reinterpret_cast<const Vec*>(c + r * ldc + v * kLanes);
@@ -58,7 +59,7 @@ inline void MicroTile(const float* a, int64_t k, const float* panel, float* c, i
     Vec w[kVecs];
     for (int v = 0; v < kVecs; ++v) w[v] = *reinterpret_cast<const Vec*>(panel + i * kPanel + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      const float s = a[r * k + i];
+      const float s = a[r * lda + i];
       for (int v = 0; v < kVecs; ++v) acc[r][v] += s * w[v];
     }
   }
@@ -78,12 +79,17 @@ void MatMulAcc(const float* a, int64_t m, int64_t k, const float* w, bool packed
       }
     return;
   }
-  for (int64_t p = 0; p < n / kPanel; ++p) {
-    const float* panel = w + p * k * kPanel;
-    int64_t r = 0;
-    for (; r + kRows <= m; r += kRows) MicroTile<kRows>(a + r * k, k, panel, c + r * n + p * kPanel, n);
-    for (; r < m; ++r) MicroTile<1>(a + r * k, k, panel, c + r * n + p * kPanel, n);
-  }
+  // K in blocks of kDepth rows of the panel (32 KB of float32 at 64 columns), which stay in L1 while
+  // every row block of a passes over them.
+  constexpr int64_t kDepth = 128;
+  for (int64_t p = 0; p < n / kPanel; ++p)
+    for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+      const float* panel = w + (p * k + k0) * kPanel;
+      const int64_t depth = std::min(kDepth, k - k0);
+      int64_t r = 0;
+      for (; r + kRows <= m; r += kRows) MicroTile<kRows>(a + r * k + k0, k, depth, panel, c + r * n + p * kPanel, n);
+      for (; r < m; ++r) MicroTile<1>(a + r * k + k0, k, depth, panel, c + r * n + p * kPanel, n);
+    }
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
