@@ -21,13 +21,15 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from sentiment_jax import cpu_setup
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "lstm_cpu.cc"
 # -fno-trapping-math lets the gate loops vectorise (nothing here relies on floating-point traps).
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-std=c++17", "-pthread",
+         "-shared", "-fPIC")
 TARGETS = {"forward": "sentiment_jax_lstm_forward", "backward": "sentiment_jax_lstm_backward"}
 
 
@@ -97,6 +99,13 @@ def builds() -> bool:
     return True
 
 
+def threads_per_device() -> int:
+    """The cores each CPU device has to itself: one with `--cpu_devices` (a single-threaded device per
+    core), all of them for JAX's one default CPU device. The kernel splits its rows over that many threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jax.local_device_count("cpu"))
+
+
 def varying_like(outputs, like: jax.Array):
     """`outputs` typed as varying over the manual mesh axes `like` varies over (inside shard_map),
     as a custom call's results are not."""
@@ -115,7 +124,7 @@ def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, r
     carry = jax.ShapeDtypeStruct((steps, batch, width // 4), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS["forward"], (carry, carry, jax.ShapeDtypeStruct(xp.shape, jnp.float32)))
     outputs = call(xp.astype(jnp.float32), b.astype(jnp.float32), w_h.astype(jnp.float32), mask.astype(bool),
-                   reverse=bool(reverse), bfloat16=bool(bfloat16))
+                   reverse=bool(reverse), bfloat16=bool(bfloat16), threads=np.int64(threads_per_device()))
     return varying_like(outputs, xp)
 
 
@@ -126,5 +135,5 @@ def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool, bfloa
     call = jax.ffi.ffi_call(TARGETS["backward"], jax.ShapeDtypeStruct(gates.shape, jnp.float32))
     f32 = lambda a: a.astype(jnp.float32)
     dz = call(f32(gates), f32(cs), f32(d_outputs), f32(d_final), mask.astype(bool), f32(w_h).T,
-              reverse=bool(reverse), bfloat16=bool(bfloat16))
+              reverse=bool(reverse), bfloat16=bool(bfloat16), threads=np.int64(threads_per_device()))
     return varying_like(dz, gates)

@@ -87,6 +87,26 @@ def test_bfloat16_matmuls_track_the_float32_reference():
         assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(b)  # the scan's bfloat16 test allows the same
 
 
+# 50 rows: uneven ranges of 25 / 17, 17, 16; 48 rows of bfloat16: ranges of 16 rows, as AMX tiles take.
+@pytest.mark.parametrize("dtype,rows", [(jnp.float32, 50), (jnp.bfloat16, 48)])
+def test_rows_split_over_threads_give_the_same_bits(monkeypatch, dtype, rows):
+    """With one device per core each call runs on one thread; a device with several cores splits its rows."""
+    rng = np.random.default_rng(7)
+    x, mask = pad_batch([rng.normal(size=(n, 8)).astype(np.float32) for n in rng.integers(1, 13, rows)], 12, "post")
+    layer = kernel_layer(8, 32, bidirectional=True, seed=8)
+    graphdef, params = nnx.split(layer)
+
+    def value_and_grad(threads):
+        monkeypatch.setattr(cpu_kernels, "threads_per_device", lambda: threads)
+        loss = lambda p, x: sum(jnp.sum(jnp.sin(a.astype(jnp.float32))) for a in nnx.merge(graphdef, p)(x, mask))
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, jnp.asarray(x, dtype))
+
+    one = value_and_grad(1)
+    for threads in (2, 3):
+        for a, b in zip(jax.tree.leaves(value_and_grad(threads)), jax.tree.leaves(one)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_non_finite_input_reaches_the_output():
     """The divergence check sees NaN loss: the kernel's own exp must not swallow it."""
     layer = kernel_layer(4, 64, bidirectional=False)

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include <immintrin.h>
@@ -116,8 +117,8 @@ struct alignas(64) TileConfig {
 
 class AmxMatMul {
  public:
-  // Usable for a[M, K] @ w[K, N] when M, K and N are multiples of 32.
-  static bool Fits(int64_t m, int64_t k, int64_t n) { return m % 32 == 0 && k % 32 == 0 && n % 32 == 0 && AmxUsable(); }
+  // Usable for a[M, K] @ w[K, N] when K and N are multiples of 32 (M: of 16, checked per call).
+  static bool Fits(int64_t k, int64_t n) { return k % 32 == 0 && n % 32 == 0 && AmxUsable(); }
 
   AmxMatMul(const float* w, int64_t k, int64_t n) : k_(k), n_(n), tiles_(k * n / 2) {
     for (int64_t nc = 0; nc < n / 16; ++nc)
@@ -131,33 +132,27 @@ class AmxMatMul {
     for (int t = 0; t < 8; ++t) config_.colsb[t] = 64, config_.rows[t] = 16;
   }
 
-  // c[M, N] += a[M, K] @ w: tiles 0-3 hold a 32 x 32 block of c, 4-5 two row blocks of a, 6-7 two of w.
-  void MulAcc(const float* a, int64_t m, float* c) {
-    a_bf16_.resize(m * k_);
-    for (int64_t i = 0; i < m * k_; ++i) a_bf16_[i] = ToBf16(a[i]);
+  // c[M, N] += a[M, K] @ w for M a multiple of 16: tiles 0-1 hold a 16 x 32 block of c, 4 a row block
+  // of a, 6-7 two column blocks of w. `scratch` holds a in bfloat16 (one per thread).
+  void MulAcc(const float* a, int64_t m, float* c, std::vector<uint16_t>& scratch) const {
+    scratch.resize(m * k_);
+    for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToBf16(a[i]);
     _tile_loadconfig(&config_);
     const int64_t ldc = n_ * sizeof(float), lda = k_ * sizeof(uint16_t);
     for (int64_t n0 = 0; n0 < n_; n0 += 32)
-      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+      for (int64_t m0 = 0; m0 < m; m0 += 16) {
         float* c0 = c + m0 * n_ + n0;
         _tile_loadd(0, c0, ldc);
         _tile_loadd(1, c0 + 16, ldc);
-        _tile_loadd(2, c0 + 16 * n_, ldc);
-        _tile_loadd(3, c0 + 16 * n_ + 16, ldc);
         for (int64_t k0 = 0; k0 < k_; k0 += 32) {
-          _tile_loadd(4, &a_bf16_[m0 * k_ + k0], lda);
-          _tile_loadd(5, &a_bf16_[(m0 + 16) * k_ + k0], lda);
+          _tile_loadd(4, &scratch[m0 * k_ + k0], lda);
           _tile_loadd(6, &tiles_[((n0 / 16) * (k_ / 32) + k0 / 32) * 256], 64);
           _tile_loadd(7, &tiles_[((n0 / 16 + 1) * (k_ / 32) + k0 / 32) * 256], 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
         }
         _tile_stored(0, c0, ldc);
         _tile_stored(1, c0 + 16, ldc);
-        _tile_stored(2, c0 + 16 * n_, ldc);
-        _tile_stored(3, c0 + 16 * n_ + 16, ldc);
       }
     _tile_release();
   }
@@ -165,7 +160,6 @@ class AmxMatMul {
  private:
   int64_t k_, n_;
   std::vector<uint32_t> tiles_;
-  std::vector<uint16_t> a_bf16_;
   TileConfig config_;
 };
 #endif
@@ -175,20 +169,17 @@ class AmxMatMul {
 // else float32, W packed into panels where N allows.
 class StepMatMul {
  public:
-  StepMatMul(const float* w, int64_t m, int64_t k, int64_t n, bool bf16)
-      : k_(k), n_(n), packed_(n % kPanel == 0) {
+  StepMatMul(const float* w, int64_t k, int64_t n, bool bf16)
+      : k_(k), n_(n), packed_(n % kPanel == 0), w_(packed_ ? Pack(w, k, n) : std::vector<float>(w, w + k * n)) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (bf16 && AmxMatMul::Fits(m, k, n)) {
-      amx_ = std::make_unique<AmxMatMul>(w, k, n);
-      return;
-    }
+    if (bf16 && AmxMatMul::Fits(k, n)) amx_ = std::make_unique<AmxMatMul>(w, k, n);
 #endif
-    w_ = packed_ ? Pack(w, k, n) : std::vector<float>(w, w + k * n);
   }
 
-  void MulAcc(const float* a, int64_t m, float* c) {
+  // Thread-safe; `scratch` is the calling thread's own.
+  void MulAcc(const float* a, int64_t m, float* c, std::vector<uint16_t>& scratch) const {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_) return amx_->MulAcc(a, m, c);
+    if (amx_ && m % 16 == 0) return amx_->MulAcc(a, m, c, scratch);
 #endif
     MatMulAcc(a, m, k_, w_.data(), packed_, n_, c);
   }
@@ -201,6 +192,20 @@ class StepMatMul {
   std::unique_ptr<AmxMatMul> amx_;
 #endif
 };
+
+// Runs body(first, last) on `threads` ranges of the rows at once: an LSTM's rows never interact, so each
+// thread takes its rows through every step without waiting for the others. Ranges are multiples of 16
+// rows where the rows allow, as the AMX tiles want.
+template <typename Body>
+void ParallelRows(int64_t rows, int64_t threads, Body&& body) {
+  int64_t chunk = (rows + std::max<int64_t>(threads, 1) - 1) / std::max<int64_t>(threads, 1);
+  if (rows % 16 == 0) chunk = (chunk + 15) / 16 * 16;
+  std::vector<std::thread> pool;
+  for (int64_t first = chunk; first < rows; first += chunk)
+    pool.emplace_back([&body, first, last = std::min(rows, first + chunk)] { body(first, last); });
+  body(0, std::min(rows, chunk));
+  for (auto& t : pool) t.join();
+}
 
 // exp(x) without a libm call, so the gate loops vectorise: 2^n * e^r, |r| <= ln2 / 2, with a
 // degree-6 polynomial (Cephes' expf coefficients), about 1 ulp. NaN passes through.
@@ -264,86 +269,95 @@ inline int64_t StepAt(int64_t i, int64_t steps, bool reverse) { return reverse ?
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
                            ffi::Buffer<ffi::PRED> mask,
                            ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
-                           ffi::ResultBuffer<ffi::F32> gates, bool reverse, bool bf16) {
+                           ffi::ResultBuffer<ffi::F32> gates, bool reverse, bool bf16,
+                           int64_t threads) {
   const auto dims = xp.dimensions();
   if (dims.size() != 3 || w_h.dimensions().size() != 2 || w_h.dimensions()[1] != dims[2] ||
       dims[2] != 4 * w_h.dimensions()[0] || bias.element_count() != dims[2])
     return ffi::Error::InvalidArgument("lstm_forward: expected xp [T, B, 4H], bias [4H] and w_h [H, 4H]");
   const Shape s{dims[0], dims[1], w_h.dimensions()[0]};
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  StepMatMul w(w_h.typed_data(), s.batch, s.hidden, h4, bf16);
+  const StepMatMul w(w_h.typed_data(), s.hidden, h4, bf16);
   const std::vector<float> zeros(bh, 0.0f);
   const float* x = xp.typed_data();
   const bool* m = mask.typed_data();
   float* h_all = hs->typed_data();
   float* c_all = cs->typed_data();
   float* g_all = gates->typed_data();
-  for (int64_t i = 0; i < s.steps; ++i) {
-    const int64_t t = StepAt(i, s.steps, reverse);
-    const float* h_prev = i ? h_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
-    const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
-    float* g = g_all + t * bh4;
-    for (int64_t b = 0; b < s.batch; ++b) AddBias(x + t * bh4 + b * h4, bias.typed_data(), h4, g + b * h4);
-    w.MulAcc(h_prev, s.batch, g);
-    for (int64_t b = 0; b < s.batch; ++b) {
-      float* gb = g + b * h4;
-      const float* hp = h_prev + b * s.hidden;
-      const float* cp = c_prev + b * s.hidden;
-      float* hb = h_all + t * bh + b * s.hidden;
-      float* cb = c_all + t * bh + b * s.hidden;
-      for (int64_t j = 0; j < 2 * s.hidden; ++j) gb[j] = Sigmoid(gb[j]);
-      for (int64_t j = 2 * s.hidden; j < 3 * s.hidden; ++j) gb[j] = Tanh(gb[j]);
-      for (int64_t j = 3 * s.hidden; j < h4; ++j) gb[j] = Sigmoid(gb[j]);
-      if (m[t * s.batch + b]) {
-        CellUpdate(gb, cp, s.hidden, cb, hb);
-      } else {
-        std::memcpy(hb, hp, s.hidden * sizeof(float));
-        std::memcpy(cb, cp, s.hidden * sizeof(float));
+  ParallelRows(s.batch, threads, [&](int64_t first, int64_t last) {
+    std::vector<uint16_t> scratch;
+    for (int64_t i = 0; i < s.steps; ++i) {
+      const int64_t t = StepAt(i, s.steps, reverse);
+      const float* h_prev = i ? h_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
+      const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
+      float* g = g_all + t * bh4;
+      for (int64_t b = first; b < last; ++b) AddBias(x + t * bh4 + b * h4, bias.typed_data(), h4, g + b * h4);
+      w.MulAcc(h_prev + first * s.hidden, last - first, g + first * h4, scratch);
+      for (int64_t b = first; b < last; ++b) {
+        float* gb = g + b * h4;
+        const float* hp = h_prev + b * s.hidden;
+        const float* cp = c_prev + b * s.hidden;
+        float* hb = h_all + t * bh + b * s.hidden;
+        float* cb = c_all + t * bh + b * s.hidden;
+        for (int64_t j = 0; j < 2 * s.hidden; ++j) gb[j] = Sigmoid(gb[j]);
+        for (int64_t j = 2 * s.hidden; j < 3 * s.hidden; ++j) gb[j] = Tanh(gb[j]);
+        for (int64_t j = 3 * s.hidden; j < h4; ++j) gb[j] = Sigmoid(gb[j]);
+        if (m[t * s.batch + b]) {
+          CellUpdate(gb, cp, s.hidden, cb, hb);
+        } else {
+          std::memcpy(hb, hp, s.hidden * sizeof(float));
+          std::memcpy(cb, cp, s.hidden * sizeof(float));
+        }
       }
     }
-  }
+  });
   return ffi::Error::Success();
 }
 
 ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> d_outputs,
                             ffi::Buffer<ffi::F32> d_final, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> w_t,
-                            ffi::ResultBuffer<ffi::F32> dz_out, bool reverse, bool bf16) {
+                            ffi::ResultBuffer<ffi::F32> dz_out, bool reverse, bool bf16,
+                            int64_t threads) {
   const auto dims = cs.dimensions();
   if (dims.size() != 3 || w_t.dimensions().size() != 2 || w_t.dimensions()[0] != 4 * dims[2] ||
       w_t.dimensions()[1] != dims[2])
     return ffi::Error::InvalidArgument("lstm_backward: expected cs [T, B, H] and w_t [4H, H]");
   const Shape s{dims[0], dims[1], dims[2]};
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  StepMatMul w(w_t.typed_data(), s.batch, h4, s.hidden, bf16);
+  const StepMatMul w(w_t.typed_data(), h4, s.hidden, bf16);
   const std::vector<float> zeros(bh, 0.0f);
-  std::vector<float> dh(d_final.typed_data(), d_final.typed_data() + bh), dc(bh, 0.0f);
-  std::vector<float> dh_next(bh);
   const float* g_all = gates.typed_data();
   const float* c_all = cs.typed_data();
   const float* do_all = d_outputs.typed_data();
   const bool* m = mask.typed_data();
   float* dz_all = dz_out->typed_data();
-  for (int64_t i = s.steps - 1; i >= 0; --i) {  // scan order, backwards
-    const int64_t t = StepAt(i, s.steps, reverse);
-    const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
-    float* dz = dz_all + t * bh4;
-    for (int64_t b = 0; b < s.batch; ++b) {
-      float* dzb = dz + b * h4;
-      float* dhb = dh.data() + b * s.hidden;
-      float* dcb = dc.data() + b * s.hidden;
-      float* dhn = dh_next.data() + b * s.hidden;
-      if (!m[t * s.batch + b]) {  // a padded step passes both cotangents through and has no gradient
-        std::memset(dzb, 0, h4 * sizeof(float));
-        std::memcpy(dhn, dhb, s.hidden * sizeof(float));
-        continue;
+  ParallelRows(s.batch, threads, [&](int64_t first, int64_t last) {
+    const int64_t rows = last - first;
+    std::vector<float> dh(d_final.typed_data() + first * s.hidden, d_final.typed_data() + last * s.hidden);
+    std::vector<float> dc(rows * s.hidden, 0.0f), dh_next(rows * s.hidden);
+    std::vector<uint16_t> scratch;
+    for (int64_t i = s.steps - 1; i >= 0; --i) {  // scan order, backwards
+      const int64_t t = StepAt(i, s.steps, reverse);
+      const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
+      float* dz = dz_all + t * bh4;
+      for (int64_t b = first; b < last; ++b) {
+        float* dzb = dz + b * h4;
+        float* dhb = dh.data() + (b - first) * s.hidden;
+        float* dcb = dc.data() + (b - first) * s.hidden;
+        float* dhn = dh_next.data() + (b - first) * s.hidden;
+        if (!m[t * s.batch + b]) {  // a padded step passes both cotangents through and has no gradient
+          std::memset(dzb, 0, h4 * sizeof(float));
+          std::memcpy(dhn, dhb, s.hidden * sizeof(float));
+          continue;
+        }
+        CellGradient(g_all + t * bh4 + b * h4, c_all + t * bh + b * s.hidden, c_prev + b * s.hidden,
+                     do_all + t * bh + b * s.hidden, s.hidden, dhb, dcb, dzb);
+        std::memset(dhn, 0, s.hidden * sizeof(float));
       }
-      CellGradient(g_all + t * bh4 + b * h4, c_all + t * bh + b * s.hidden, c_prev + b * s.hidden,
-                   do_all + t * bh + b * s.hidden, s.hidden, dhb, dcb, dzb);
-      std::memset(dhn, 0, s.hidden * sizeof(float));
+      w.MulAcc(dz + first * h4, rows, dh_next.data(), scratch);
+      dh.swap(dh_next);
     }
-    w.MulAcc(dz, s.batch, dh_next.data());
-    dh.swap(dh_next);
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -359,7 +373,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gates
                                   .Attr<bool>("reverse")
-                                  .Attr<bool>("bfloat16"));
+                                  .Attr<bool>("bfloat16")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
@@ -371,4 +386,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h^T
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dz
                                   .Attr<bool>("reverse")
-                                  .Attr<bool>("bfloat16"));
+                                  .Attr<bool>("bfloat16")
+                                  .Attr<int64_t>("threads"));

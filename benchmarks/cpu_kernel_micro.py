@@ -1,0 +1,61 @@
+"""Times the CPU kernel's two custom calls alone: the LSTM forward steps and their gradient.
+
+  python benchmarks/cpu_kernel_micro.py [--rows 32] [--hidden 128] [--steps 200] [--repeats 30]
+
+One single-threaded CPU device (as `--cpu_devices` gives each core), float32 and bfloat16 (AMX tiles
+where the CPU has them), all rows real; prints the median milliseconds of each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from sentiment_jax import sharding  # noqa: E402
+
+sharding.use_cpu_devices(1)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from sentiment_jax import cpu_kernels  # noqa: E402
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    t, b, h = args.steps, args.rows, args.hidden
+    xp = jnp.asarray(rng.normal(size=(t, b, 4 * h)), jnp.float32)
+    w_h = jnp.asarray(rng.normal(size=(h, 4 * h)) * 0.1, jnp.float32)
+    bias, mask = jnp.zeros(4 * h), jnp.ones((t, b), bool)
+    for bfloat16 in (False, True):
+        forward = jax.jit(lambda xp, w: cpu_kernels.lstm_forward(xp, bias, w, mask, False, bfloat16))
+        hs, cs, gates = forward(xp, w_h)
+        backward = jax.jit(lambda g, c, d, w: cpu_kernels.lstm_backward(g, c, d, d[-1], mask, w, False, bfloat16))
+        print(f"{'bfloat16' if bfloat16 else 'float32'}: forward {median_ms(forward, xp, w_h, repeats=args.repeats):.2f} ms, "
+              f"gradient {median_ms(backward, gates, cs, hs, w_h, repeats=args.repeats):.2f} ms "
+              f"({b} rows, {h} units, {t} steps)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
