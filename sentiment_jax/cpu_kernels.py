@@ -16,7 +16,6 @@ import hashlib
 import os
 import pathlib
 import platform
-import shutil
 import subprocess
 
 import jax
@@ -38,9 +37,8 @@ class KernelError(RuntimeError):
 
 
 def _compiler() -> str:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
+    if found := cpu_setup.compiler():
+        return found
     raise KernelError("model.lstm_backend 'cpu_kernel' needs a C++17 compiler (c++, g++ or clang++, or $CXX) "
                       "and none was found; install one or set --config.model.lstm_backend=scan")
 

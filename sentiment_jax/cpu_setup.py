@@ -3,7 +3,9 @@
   python -m sentiment_jax.cpu_setup [--dry_run] -- python -m sentiment_jax.main --config=configs/lstm.py ...
 
 - devices: `--cpu_devices=N`, one single-threaded device per usable core, N rounded down to a power of
-  two so that it divides the batch;
+  two so that it divides the batch; except for an LSTM on the CPU kernel (below), which runs fastest on
+  JAX's one multi-threaded device, its custom calls splitting the rows over the cores (no device waits
+  for another at the gradient reduction): nothing is added then;
 - malloc: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, transparent huge pages for XLA's large temporaries;
 - dtype: `--config.model.dtype=bfloat16` only where the CPU has bfloat16 matmul units (avx512_bf16 or
   amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32;
@@ -17,8 +19,10 @@ already gives is kept. With an NVIDIA GPU present nothing is added: these are CP
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
+import shutil
 import sys
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -32,11 +36,33 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set.intersection(*sets) if sets else set()
 
 
-def choose(cores: int, flags: set[str]) -> dict:
-    """Devices, matmul dtype and malloc tunable for `cores` usable cores with these CPU flags."""
+def compiler() -> str | None:
+    """The C++ compiler the CPU kernel is built with: $CXX, else c++, g++ or clang++ on the PATH."""
+    return next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
+
+
+def config_model(command: list[str]) -> str | None:
+    """model.name of the command's `--config=FILE[:VARIANT]` (or its --config.model.name); None if unknown."""
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in command if a.startswith("--config") and "=" in a}
+    if "--config.model.name" in given or "--config" not in given:
+        return given.get("--config.model.name")
+    file, _, variant = given["--config"].partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_cpu_setup_config", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return (module.get_config(variant) if variant else module.get_config()).model.name
+    except Exception:  # noqa: BLE001 (the command itself reports a config it cannot load)
+        return None
+
+
+def choose(cores: int, flags: set[str], lstm_kernel: bool = False) -> dict:
+    """Devices, matmul dtype and malloc tunable for `cores` usable cores with these CPU flags;
+    `lstm_kernel`: the command trains an LSTM that the CPU kernel will run."""
     devices = 1
     while devices * 2 <= cores:
         devices *= 2
+    devices = 0 if lstm_kernel else devices  # 0: JAX's default device
     return {"cpu_devices": devices, "dtype": "bfloat16" if flags & set(BF16_FLAGS) else "float32",
             "lstm_backend": "auto", "malloc": HUGE_PAGES}
 
@@ -45,7 +71,7 @@ def apply(command: list[str], env: dict, settings: dict) -> tuple[list[str], dic
     """The command and environment with the settings added where they do not already say otherwise."""
     command, env = list(command), dict(env)
     given = lambda name: any(arg == name or arg.startswith(name + "=") for arg in command)
-    if not given("--cpu_devices"):
+    if not given("--cpu_devices") and settings["cpu_devices"]:
         command.append(f"--cpu_devices={settings['cpu_devices']}")
     if not given("--config.model.dtype"):
         command.append(f"--config.model.dtype={settings['dtype']}")
@@ -74,7 +100,9 @@ def main(argv: list[str]) -> None:
         flags = cpu_flags(cpuinfo.read_text()) if cpuinfo.is_file() else set()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         given = len(command)
-        command, env = apply(command, env, choose(cores, flags))
+        lstm_kernel = config_model(command) == "lstm" and compiler() is not None and not any(
+            a.startswith("--config.model.lstm_backend=") and not a.endswith(("=auto", "=cpu_kernel")) for a in command)
+        command, env = apply(command, env, choose(cores, flags, lstm_kernel))
         found = ", ".join(f for f in BF16_FLAGS if f in flags) or "no bfloat16 units"
         print(f"cpu_setup: {cores} usable cores, {found}: adds {' '.join(command[given:]) or 'no flags'}, "
               f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from sentiment_jax import config_base, cpu_kernels, export, exported, models, runs, train
+from sentiment_jax import config_base, cpu_kernels, cpu_setup, export, exported, models, runs, train
 from sentiment_jax.models import recurrent
 from test_recurrent import cell_weights, numpy_lstm, pad_batch, reference_layer
 from test_scale import COMMON, files, train_steps  # noqa: F401 (fixture)
@@ -155,7 +155,7 @@ def test_auto_takes_the_kernel_where_it_builds_and_the_scan_where_not(monkeypatc
 def test_without_a_compiler_the_build_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("SENTIMENT_JAX_CACHE", str(tmp_path))  # no library built yet
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_setup.shutil, "which", lambda name: None)
     with pytest.raises(cpu_kernels.KernelError, match=r"needs a C\+\+17 compiler .* set --config.model.lstm_backend=scan"):
         cpu_kernels.build()
     assert not list(tmp_path.rglob("*.so"))

@@ -32,6 +32,16 @@ def test_choice_by_cores_and_flags():
     assert cpu_setup.choose(1, {"amx_bf16"}) == {"cpu_devices": 1, "dtype": "bfloat16", "lstm_backend": "auto",
                                                 "malloc": "glibc.malloc.hugetlb=1"}
     assert cpu_setup.choose(16, {"avx512f", "avx512_vnni"})["dtype"] == "float32"  # AVX-512 without BF16
+    # An LSTM on the CPU kernel: JAX's one multi-threaded device (0: no --cpu_devices added).
+    assert cpu_setup.choose(2, {"avx2"}, lstm_kernel=True)["cpu_devices"] == 0
+
+
+def test_the_model_is_read_from_the_command_config():
+    assert cpu_setup.config_model(["python", f"--config={REPO}/configs/lstm.py"]) == "lstm"
+    assert cpu_setup.config_model(["python", f"--config={REPO}/configs/transformer.py:nusax"]) == "transformer"
+    assert cpu_setup.config_model(["python", f"--config={REPO}/configs/lstm.py", "--config.model.name=gru"]) == "gru"
+    assert cpu_setup.config_model(["python", "--config=configs/missing.py"]) is None
+    assert cpu_setup.config_model(["python", "-c", "pass"]) is None
 
 
 def test_what_the_command_or_environment_gives_is_kept():
@@ -43,6 +53,8 @@ def test_what_the_command_or_environment_gives_is_kept():
     command, env = cpu_setup.apply(["python", "--config.model.dtype=float32", "--config.model.lstm_backend=scan"],
                                    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, settings)
     assert command == ["python", "--config.model.dtype=float32", "--config.model.lstm_backend=scan", "--cpu_devices=2"]
+    command, _ = cpu_setup.apply(["python"], {}, cpu_setup.choose(2, {"avx2"}, lstm_kernel=True))
+    assert command == ["python", "--config.model.dtype=float32", "--config.model.lstm_backend=auto"]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
