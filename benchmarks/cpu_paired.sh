@@ -14,15 +14,17 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
 export PEERS_HOME=${PEERS_HOME:-/tmp/peers}
 devices=${CPU_DEVICES:-$(nproc)}
-J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $py $repo/benchmarks/paired_lstm_contender.py --cpu_devices $devices --model $model"
+# As cpu_setup runs them: the kernel on JAX's one multi-threaded device, the scan on one device per core.
+J="env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $py $repo/benchmarks/paired_lstm_contender.py --model $model"
+K="$J --backend cpu_kernel"
+S="$J --backend scan --cpu_devices $devices"
 TB="$PEERS_HOME/torch-venv/bin/python $repo/benchmarks/torch_autocast_peer.py --mode serve --model $model"
 raw="$PEERS_HOME/results/cpu_paired_${model}_$(date +%Y%m%d-%H%M%S).jsonl"
 cd "${PEERS_KIT:-$repo/../shared/bench/peers}"
 python3 bench_paired.py --rounds "$rounds" --uni-steps "$steps" --bi2-steps "$steps" --only "torch $model" \
   --baseline "torch $model" --out "$raw" --contender "torch $model bf16=$TB" \
-  --contender "jax $model f32=$J --backend cpu_kernel" --contender "jax $model f32 scan=$J --backend scan" \
-  --contender "jax $model bf16=$J --dtype bfloat16 --backend cpu_kernel" \
-  --contender "jax $model bf16 scan=$J --dtype bfloat16 --backend scan"
+  --contender "jax $model f32=$K" --contender "jax $model f32 scan=$S" \
+  --contender "jax $model bf16=$K --dtype bfloat16" --contender "jax $model bf16 scan=$S --dtype bfloat16"
 python3 - "$raw" "jax $model f32" "torch $model" "jax $model f32 scan" "torch $model" \
   "jax $model bf16" "torch $model bf16" "jax $model bf16 scan" "torch $model bf16" "jax $model f32" "jax $model f32 scan" \
   "jax $model bf16" "jax $model bf16 scan" <<'PY'

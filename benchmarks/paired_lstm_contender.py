@@ -10,7 +10,9 @@ with `state.create_state` / `steps.make_train_step`, and exact masking on: the m
 `ids != 0`, so the front padding never reaches the LSTM state (the peers run it through).
 `--bucket_width 0` (default) walks a seeded permutation with every batch 200 wide, as the
 peers do; `--bucket_width 50` uses the training pipeline's length bucketing instead.
-`--cpu_devices 2` shards each batch over one single-threaded CPU device per core (fastest here).
+`--cpu_devices 2` shards each batch over one single-threaded CPU device per core (fastest for the scan);
+`--backend cpu_kernel` runs fastest on JAX's one default device (`--cpu_devices 0`), whose custom calls
+split the rows over the cores.
 `--dtype bfloat16` runs the matmuls in bfloat16; the peers run float32, so pair it with
 benchmarks/torch_autocast_peer.py, which gives PyTorch the same precision.
 One difference remains in bi2: our head also applies dropout to the pooled features before its
