@@ -13,7 +13,8 @@ from sentiment_jax.models import recurrent
 from test_recurrent import cell_weights, numpy_lstm, pad_batch, reference_layer
 from test_scale import COMMON, files, train_steps  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="custom calls for CPUs")
+pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="custom calls for CPUs"),
+              pytest.mark.skipif(cpu_setup.compiler() is None, reason="the kernel is built with a C++ compiler")]
 
 
 def kernel_layer(features, hidden, bidirectional, seed=1):
