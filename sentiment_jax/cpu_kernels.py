@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
 import pathlib
 import platform
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from sentiment_jax import cpu_setup
+from sentiment_jax.files import atomic_path
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "lstm_cpu.cc"
 # -fno-trapping-math lets the gate loops vectorise (nothing here relies on floating-point traps).
@@ -46,9 +46,7 @@ def _compiler() -> str:
 def _cpu() -> str:
     """The instruction sets -march=native builds for: a cache shared by several machines keeps one
     library per CPU kind, never one another CPU cannot run."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    flags = cpu_setup.cpu_flags(cpuinfo.read_text()) if cpuinfo.is_file() else set()
-    return " ".join([platform.machine(), *sorted(flags)])
+    return " ".join([platform.machine(), *sorted(cpu_setup.machine_flags())])
 
 
 def _library_path(compiler: str) -> pathlib.Path:
@@ -65,26 +63,33 @@ def build() -> pathlib.Path:
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    tmp = library.with_name(f".{library.name}.{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True)
+    with atomic_path(library) as tmp:  # processes building at once each leave a whole library
+        done = subprocess.run([compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)],
+                              capture_output=True, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise KernelError(f"compiling {SOURCE.name} failed ({last}); "
                               "set --config.model.lstm_backend=scan to train without it")
-        tmp.replace(library)  # atomic: processes building at once each leave a whole library
-    finally:
-        tmp.unlink(missing_ok=True)
     return library
 
 
 @functools.cache
-def register() -> None:
-    """Builds (if needed), loads and registers both custom calls with XLA; once per process."""
-    library = ctypes.cdll.LoadLibrary(str(build()))
+def _registration() -> KernelError | None:
+    """Builds (if needed), loads and registers both custom calls with XLA, once per process: a failed
+    build is not retried by every model built later."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+    except KernelError as e:
+        return e
     jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
     jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
+    return None
+
+
+def register() -> None:
+    """Makes both custom calls available, or raises the KernelError that says why they are not."""
+    if error := _registration():
+        raise error
 
 
 def builds() -> bool:
@@ -100,8 +105,7 @@ def builds() -> bool:
 def threads_per_device() -> int:
     """The cores each CPU device has to itself: one with `--cpu_devices` (a single-threaded device per
     core), all of them for JAX's one default CPU device. The kernel splits its rows over that many threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // jax.local_device_count("cpu"))
+    return max(1, cpu_setup.usable_cores() // jax.local_device_count("cpu"))
 
 
 def varying_like(outputs, like: jax.Array):
@@ -116,7 +120,7 @@ def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, r
     """(hs, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection), bias [4H],
     w_h [H, 4H], mask [T, B]. hs and cs [T, B, H] are the carries after each step; gates [T, B, 4H]
     the activated i, f, g, o. `bfloat16`: h @ w_h on AMX bfloat16 tiles (float32 sums) where the CPU
-    has them and B, H are multiples of 32 (8 for H); float32 elsewhere."""
+    has them, H is a multiple of 32 and each thread's rows of 16; float32 elsewhere."""
     register()
     steps, batch, width = xp.shape
     carry = jax.ShapeDtypeStruct((steps, batch, width // 4), jnp.float32)

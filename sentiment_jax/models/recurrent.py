@@ -341,13 +341,12 @@ class RecurrentLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (final state [B, D], outputs [B, T, D])."""
+        cells = [c for c in (self.forward, self.backward) if c is not None]
         if self.backend == "cudnn":
-            cells = [c for c in (self.forward, self.backward) if c is not None]
             run = functools.partial(cudnn_layer, hidden=self.forward.hidden, bidirectional=len(cells) == 2)
             # A custom call the compiler cannot split by batch: run it on each device's rows.
             return sharding.map_batch_shards(run, cudnn_weights(cells), x, mask)
         if self.backend == "cpu_kernel":
-            cells = [c for c in (self.forward, self.backward) if c is not None]
             weights = [tuple(p[...] for p in (c.input_kernel, c.bias, c.recurrent_kernel)) for c in cells]
             # A custom call, like cuDNN's: each device runs it on its own rows.
             return sharding.map_batch_shards(kernel_layer, weights, x, mask)
