@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import tiny_config
 from sentiment_jax import config_base, cpu_kernels, cpu_setup, export, exported, models, runs, train
 from sentiment_jax.models import recurrent
-from test_recurrent import cell_weights, numpy_lstm, pad_batch, reference_layer
+from test_recurrent import assert_bfloat16_tracks_float32, cell_weights, numpy_lstm, pad_batch, reference_layer
 from test_scale import COMMON, files, train_steps  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="custom calls for CPUs"),
@@ -73,19 +73,7 @@ def test_bfloat16_matmuls_track_the_float32_reference():
     lengths = rng.integers(1, 31, 32)
     x, mask = pad_batch([rng.normal(size=(n, 16)).astype(np.float32) for n in lengths], 30, "pre")
     layer = kernel_layer(16, 64, bidirectional=True, seed=6)
-    graphdef, params = nnx.split(layer)
-    w_out = jnp.asarray(rng.normal(size=(32, 30, 128)), jnp.float32)
-
-    def loss(params, x, kernel):
-        model = nnx.merge(graphdef, params)
-        final, outputs = model(x, mask) if kernel else reference_layer(model, x, mask)
-        return jnp.sum(outputs.astype(jnp.float32) * w_out) + jnp.sum(final.astype(jnp.float32))
-
-    low = jax.value_and_grad(loss)(params, jnp.asarray(x, jnp.bfloat16), True)
-    ref = jax.value_and_grad(loss)(params, jnp.asarray(x), False)
-    for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(ref)):
-        assert a.dtype == jnp.float32
-        assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(b)  # the scan's bfloat16 test allows the same
+    assert_bfloat16_tracks_float32(layer, x, mask, jnp.asarray(rng.normal(size=(32, 30, 128)), jnp.float32))
 
 
 # 50 rows: uneven ranges of 25 / 17, 17, 16; 48 rows of bfloat16: ranges of 16 rows, as AMX tiles take.

@@ -170,8 +170,13 @@ def test_lstm_bfloat16_matmuls_track_the_float32_reference(side):
     rng = np.random.default_rng(5)
     x, mask = pad_batch([rng.normal(size=(n, 16)).astype(np.float32) for n in (30, 12, 25)], 30, side)
     layer = recurrent.RecurrentLayer("lstm", 16, 32, True, rngs=nnx.Rngs(6))
+    assert_bfloat16_tracks_float32(layer, x, mask, jnp.asarray(rng.normal(size=(3, 30, 64)), jnp.float32))
+
+
+def assert_bfloat16_tracks_float32(layer, x, mask, w_out):
+    """Value and float32 gradients of `layer` on bfloat16 inputs within bfloat16 rounding of the float32
+    generic scan's, through a loss weighting every output by `w_out`."""
     graphdef, params = nnx.split(layer)
-    w_out = jnp.asarray(rng.normal(size=(3, 30, 64)), jnp.float32)
 
     def loss(params, x, fast):
         model = nnx.merge(graphdef, params)
