@@ -49,10 +49,15 @@ def _cpu() -> str:
     return " ".join([platform.machine(), *sorted(cpu_setup.machine_flags())])
 
 
+def _flags() -> list[str]:
+    """FLAGS, less the instruction sets above XLA's --xla_cpu_max_isa where one is set."""
+    return [*FLAGS, *cpu_setup.compiler_isa_flags()]
+
+
 def _library_path(compiler: str) -> pathlib.Path:
     from sentiment_jax.data import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, jax.lib.__version__, *FLAGS, _cpu())).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, jax.lib.__version__, *_flags(), _cpu())).encode())
     return cache_dir() / "kernels" / f"lstm_cpu-{key.hexdigest()[:16]}.so"
 
 
@@ -64,10 +69,11 @@ def build() -> pathlib.Path:
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(library) as tmp:  # processes building at once each leave a whole library
-        done = subprocess.run([compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)],
+        done = subprocess.run([compiler, *_flags(), "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)],
                               capture_output=True, text=True)
         if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            last = next((line for line in lines if "error" in line), lines[-1]).strip()
             raise KernelError(f"compiling {SOURCE.name} failed ({last}); "
                               "set --config.model.lstm_backend=scan to train without it")
     return library

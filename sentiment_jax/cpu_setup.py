@@ -6,7 +6,10 @@
   two so that it divides the batch; except for an LSTM on the CPU kernel (below), which runs fastest on
   JAX's one multi-threaded device, its custom calls splitting the rows over the cores (no device waits
   for another at the gradient reduction): nothing is added then;
-- malloc: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, transparent huge pages for XLA's large temporaries;
+- malloc: jemalloc where the system has it (`apt install libjemalloc2`), preloaded with huge pages and
+  freed memory kept for reuse: XLA allocates its large temporaries afresh every step, and glibc hands
+  them back to the kernel, which faults in and zeroes every page again. Elsewhere glibc with
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which makes those faults 512x fewer;
 - dtype: `--config.model.dtype=bfloat16` only where the CPU has bfloat16 matmul units (avx512_bf16 or
   amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32;
 - LSTM: `--config.model.lstm_backend=auto`, the recurrence as compiled CPU custom calls wherever a C++
@@ -22,11 +25,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import platform
 import shutil
 import sys
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
+JEMALLOC_CONF = "thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# XLA's --xla_cpu_max_isa levels, oldest first: the /proc/cpuinfo flag prefixes each adds (a flag belongs
+# to the last level naming a prefix of it), and the compiler flags that leave them out. Capping XLA on a
+# newer CPU (XLA_FLAGS=--xla_cpu_max_isa=AVX2) measures an older instruction set; the dtype chosen here
+# and the LSTM kernel's build follow the cap.
+ISA_LEVELS = (("SSE4_2", (), ()), ("AVX", ("avx", "f16c"), ("-mno-avx",)), ("AVX2", ("avx2", "fma"), ("-mno-avx2", "-mno-fma")),
+              ("AVX512", ("avx512",), ("-mno-avx512f",)), ("AVX512_VNNI", ("avx512_vnni",), ("-mno-avx512vnni",)),
+              ("AVX512_BF16", ("avx512_bf16",), ("-mno-avx512bf16",)), ("AMX", ("amx",), ("-mno-amx-tile",)))
 
 
 def cpu_flags(cpuinfo: str) -> set[str]:
@@ -36,10 +48,35 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set.intersection(*sets) if sets else set()
 
 
+def isa_cap() -> int:
+    """Index in ISA_LEVELS of $XLA_FLAGS' --xla_cpu_max_isa (the newest level when none is given)."""
+    names = [name for name, _, _ in ISA_LEVELS]
+    given = [a.split("=", 1)[1].upper() for a in os.environ.get("XLA_FLAGS", "").split()
+             if a.startswith("--xla_cpu_max_isa=")]
+    return names.index(given[-1]) if given and given[-1] in names else len(names) - 1
+
+
+def isa_level(flag: str) -> int | None:
+    """Index in ISA_LEVELS of the level that adds this /proc/cpuinfo flag; None for other flags."""
+    found = [i for i, (_, prefixes, _) in enumerate(ISA_LEVELS) if any(flag.startswith(p) for p in prefixes)]
+    return found[-1] if found else None
+
+
+def capped(flags: set[str], cap: int) -> set[str]:
+    """The flags at or below ISA_LEVELS[cap]."""
+    return {f for f in flags if (isa_level(f) or 0) <= cap}
+
+
 def machine_flags() -> set[str]:
-    """The CPU feature flags of this machine (empty where /proc/cpuinfo is missing)."""
+    """The CPU feature flags this process may use: /proc/cpuinfo's (empty where it is missing), less
+    those above XLA's --xla_cpu_max_isa."""
     cpuinfo = pathlib.Path("/proc/cpuinfo")
-    return cpu_flags(cpuinfo.read_text()) if cpuinfo.is_file() else set()
+    return capped(cpu_flags(cpuinfo.read_text()) if cpuinfo.is_file() else set(), isa_cap())
+
+
+def compiler_isa_flags() -> list[str]:
+    """Compiler flags that leave out the instruction sets above XLA's --xla_cpu_max_isa."""
+    return [flag for _, _, flags in ISA_LEVELS[isa_cap() + 1:] for flag in flags]
 
 
 def usable_cores() -> int:
@@ -49,6 +86,21 @@ def usable_cores() -> int:
 def compiler() -> str | None:
     """The C++ compiler the CPU kernel is built with: $CXX, else c++, g++ or clang++ on the PATH."""
     return next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
+
+
+def jemalloc() -> str | None:
+    """The system's jemalloc library (Debian/Ubuntu libjemalloc2, Fedora jemalloc), if it has one."""
+    arch = f"{platform.machine()}-linux-gnu"
+    found = [p for p in (f"/usr/lib/{arch}/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
+                         "/usr/local/lib/libjemalloc.so.2") if os.path.isfile(p)]
+    return found[0] if found else None
+
+
+def malloc_env(jemalloc_path: str | None) -> dict[str, str]:
+    """The environment that selects the allocator: jemalloc at that path, else glibc with huge pages."""
+    if jemalloc_path:
+        return {"LD_PRELOAD": jemalloc_path, "MALLOC_CONF": JEMALLOC_CONF}
+    return {"GLIBC_TUNABLES": HUGE_PAGES}
 
 
 def config_model(command: list[str]) -> str | None:
@@ -73,15 +125,16 @@ def lstm_on_kernel(command: list[str]) -> bool:
     return backend in ("auto", "cpu_kernel") and config_model(command) == "lstm" and compiler() is not None
 
 
-def choose(cores: int, flags: set[str], lstm_kernel: bool = False) -> dict:
-    """Devices, matmul dtype and malloc tunable for `cores` usable cores with these CPU flags;
-    `lstm_kernel`: the command trains an LSTM that the CPU kernel will run."""
+def choose(cores: int, flags: set[str], lstm_kernel: bool = False, jemalloc_path: str | None = None) -> dict:
+    """Devices, matmul dtype and allocator for `cores` usable cores with these CPU flags;
+    `lstm_kernel`: the command trains an LSTM that the CPU kernel will run; `jemalloc_path`: the
+    system's jemalloc, if any."""
     devices = 1
     while devices * 2 <= cores:
         devices *= 2
     devices = 0 if lstm_kernel else devices  # 0: JAX's default device
     return {"cpu_devices": devices, "dtype": "bfloat16" if flags & set(BF16_FLAGS) else "float32",
-            "lstm_backend": "auto", "malloc": HUGE_PAGES}
+            "lstm_backend": "auto", "malloc": malloc_env(jemalloc_path)}
 
 
 def apply(command: list[str], env: dict, settings: dict) -> tuple[list[str], dict]:
@@ -95,8 +148,14 @@ def apply(command: list[str], env: dict, settings: dict) -> tuple[list[str], dic
     if not given("--config.model.lstm_backend"):
         command.append(f"--config.model.lstm_backend={settings['lstm_backend']}")
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        env["GLIBC_TUNABLES"] = f"{tunables}:{settings['malloc']}" if tunables else settings["malloc"]
+    if "malloc" in env.get("LD_PRELOAD", "") or "glibc.malloc.hugetlb" in tunables:
+        return command, env  # the environment already chose an allocator
+    malloc = dict(settings["malloc"])
+    if "GLIBC_TUNABLES" in malloc and tunables:
+        malloc["GLIBC_TUNABLES"] = f"{tunables}:{malloc['GLIBC_TUNABLES']}"
+    if "LD_PRELOAD" in malloc and env.get("LD_PRELOAD"):
+        malloc["LD_PRELOAD"] = f"{malloc['LD_PRELOAD']}:{env['LD_PRELOAD']}"
+    env.update(malloc)
     return command, env
 
 
@@ -114,10 +173,12 @@ def main(argv: list[str]) -> None:
         print("cpu_setup: an NVIDIA GPU is present; no CPU settings added", file=sys.stderr, flush=True)
     else:
         flags, cores, given = machine_flags(), usable_cores(), len(command)
-        command, env = apply(command, env, choose(cores, flags, lstm_on_kernel(command)))
+        before = dict(env)
+        command, env = apply(command, env, choose(cores, flags, lstm_on_kernel(command), jemalloc()))
         found = ", ".join(f for f in BF16_FLAGS if f in flags) or "no bfloat16 units"
+        added = " ".join(f"{k}={v}" for k, v in env.items() if before.get(k) != v) or "the environment's malloc"
         print(f"cpu_setup: {cores} usable cores, {found}: adds {' '.join(command[given:]) or 'no flags'}, "
-              f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", file=sys.stderr, flush=True)
+              f"{added}", file=sys.stderr, flush=True)
     if dry_run:
         print(" ".join(command))
         return

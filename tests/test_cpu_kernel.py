@@ -1,6 +1,10 @@
 """The LSTM recurrence as CPU custom calls (`model.lstm_backend="cpu_kernel"`), against the NumPy
 LSTM and JAX's autodiff of the generic scan, which share no code with it."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +152,29 @@ def test_without_a_compiler_the_build_names_the_fix(monkeypatch, tmp_path):
     with pytest.raises(cpu_kernels.KernelError, match=r"needs a C\+\+17 compiler .* set --config.model.lstm_backend=scan"):
         cpu_kernels.build()
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("SENTIMENT_JAX_CACHE", str(tmp_path))
+    source = tmp_path / "broken.cc"
+    source.write_text("int main() { return undeclared; }\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    with pytest.raises(cpu_kernels.KernelError, match=r"compiling broken.cc failed \(.*error.*undeclared"):
+        cpu_kernels.build()
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.skipif("avx512f" not in cpu_setup.machine_flags(), reason="without AVX-512 the usual build is this one")
+def test_the_avx2_build_matches_numpy_and_autodiff(monkeypatch):
+    """The AVX2 micro-kernels (CPUs without AVX-512) on a newer CPU: built under XLA's instruction-set cap,
+    as a library of its own."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa=AVX2")
+    usual = cpu_kernels._library_path(cpu_setup.compiler())
+    monkeypatch.setenv("XLA_FLAGS", env["XLA_FLAGS"])
+    assert cpu_kernels._library_path(cpu_setup.compiler()) != usual
+    tests = [f"{__file__}::test_matches_numpy_on_a_ragged_batch_with_junk_padding",
+             f"{__file__}::test_gradients_match_autodiff_of_the_generic_scan"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "8 passed" in proc.stdout
