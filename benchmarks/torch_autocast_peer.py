@@ -2,12 +2,12 @@
 
 Runs ../shared/bench/peers/torch_lstm.py unchanged except for two settings, given before its own
 arguments:
-- `--dtype bfloat16` (default): each training step runs inside `torch.autocast("cpu", dtype=torch.bfloat16)`,
-  so PyTorch gets the same chance to use this CPU's bfloat16 matmuls as our `--dtype bfloat16`;
-  `--dtype float32` leaves the step as it is.
+- `--dtype bfloat16` (default): each training step runs inside
+  `torch.autocast("cpu", dtype=torch.bfloat16)`, so PyTorch gets the same chance to use this CPU's
+  bfloat16 matmuls as our `--dtype bfloat16`; `--dtype float32` leaves the step as it is.
 - `--flush_denormal`: `torch.set_flush_denormal(True)`, subnormal floats read and written as zero, as
   XLA's CPU runtime always runs. PyTorch's default keeps them, and on CPUs that take slow microcode
-  paths for them (seen: Intel Sapphire Rapids) its float32 LSTM then trains up to 10x slower.
+  paths for them (seen: Intel Sapphire Rapids) its float32 LSTM then trains 10-15x slower.
 As a paired-bench contender (run from ../shared/bench/peers with the peers' torch venv):
 
   --contender "torch uni bf16=/tmp/peers/torch-venv/bin/python /path/to/benchmarks/torch_autocast_peer.py --mode serve --model uni"

@@ -9,15 +9,16 @@
 - malloc: jemalloc where the system has it (`apt install libjemalloc2`), preloaded with huge pages and
   freed memory kept for reuse: XLA allocates its large temporaries afresh every step, and glibc hands
   them back to the kernel, which faults in and zeroes every page again. Elsewhere glibc with
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which makes those faults 512x fewer;
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which faults them in 2 MB at a time;
 - dtype: `--config.model.dtype=bfloat16` only where the CPU has bfloat16 matmul units (avx512_bf16 or
   amx_bf16 in /proc/cpuinfo); elsewhere bfloat16 is emulated and slower than float32;
 - LSTM: `--config.model.lstm_backend=auto`, the recurrence as compiled CPU custom calls wherever a C++
   compiler builds them (cpu_kernels.py), else the scan; models without LSTM layers ignore it.
 
 Measured in docs/results.md § Speed: devices and malloc 1.5x on 2 cores, bfloat16 a further 1.3-1.5x
-on AVX512-BF16 at the same IMDB accuracy, the LSTM kernel 1.25-1.8x over the scan. A setting the command
-(or, for malloc, the environment) already gives is kept. With an NVIDIA GPU present nothing is added: these are CPU settings.
+on AVX512-BF16 at the same IMDB accuracy, the LSTM kernel 1.1-1.8x over the scan, jemalloc 1.23x over
+glibc's huge pages for `make train`. A setting the command (or, for malloc, the environment) already
+gives is kept. With an NVIDIA GPU present nothing is added: these are CPU settings.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ JEMALLOC_CONF = "thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-
 # to the last level naming a prefix of it), and the compiler flags that leave them out. Capping XLA on a
 # newer CPU (XLA_FLAGS=--xla_cpu_max_isa=AVX2) measures an older instruction set; the dtype chosen here
 # and the LSTM kernel's build follow the cap.
-ISA_LEVELS = (("SSE4_2", (), ()), ("AVX", ("avx", "f16c"), ("-mno-avx",)), ("AVX2", ("avx2", "fma"), ("-mno-avx2", "-mno-fma")),
-              ("AVX512", ("avx512",), ("-mno-avx512f",)), ("AVX512_VNNI", ("avx512_vnni",), ("-mno-avx512vnni",)),
+ISA_LEVELS = (("SSE4_2", (), ()), ("AVX", ("avx", "f16c"), ("-mno-avx",)),
+              ("AVX2", ("avx2", "fma"), ("-mno-avx2", "-mno-fma")), ("AVX512", ("avx512",), ("-mno-avx512f",)),
+              ("AVX512_VNNI", ("avx512_vnni",), ("-mno-avx512vnni",)),
               ("AVX512_BF16", ("avx512_bf16",), ("-mno-avx512bf16",)), ("AMX", ("amx",), ("-mno-amx-tile",)))
 
 
@@ -91,8 +93,8 @@ def compiler() -> str | None:
 def jemalloc() -> str | None:
     """The system's jemalloc library (Debian/Ubuntu libjemalloc2, Fedora jemalloc), if it has one."""
     arch = f"{platform.machine()}-linux-gnu"
-    found = [p for p in (f"/usr/lib/{arch}/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
-                         "/usr/local/lib/libjemalloc.so.2") if os.path.isfile(p)]
+    found = [p for p in (f"/usr/lib/{arch}/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                         "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2") if os.path.isfile(p)]
     return found[0] if found else None
 
 

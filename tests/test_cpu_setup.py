@@ -94,7 +94,8 @@ def test_runs_the_command_with_the_settings_of_this_machine():
     proc = subprocess.run([sys.executable, "-m", "sentiment_jax.cpu_setup", "--", sys.executable, "-c", show, "x"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    expected = cpu_setup.choose(len(os.sched_getaffinity(0)), cpu_setup.machine_flags(), jemalloc_path=cpu_setup.jemalloc())
+    expected = cpu_setup.choose(len(os.sched_getaffinity(0)), cpu_setup.machine_flags(),
+                                jemalloc_path=cpu_setup.jemalloc())
     malloc = expected["malloc"].get("MALLOC_CONF") or expected["malloc"]["GLIBC_TUNABLES"]
     assert proc.stdout.split() == [malloc, "x", f"--cpu_devices={expected['cpu_devices']}",
                                    f"--config.model.dtype={expected['dtype']}", "--config.model.lstm_backend=auto"]
