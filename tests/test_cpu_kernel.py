@@ -14,7 +14,8 @@ from flax import nnx
 from helpers import tiny_config
 from sentiment_jax import config_base, cpu_kernels, cpu_setup, export, exported, models, runs, train
 from sentiment_jax.models import recurrent
-from test_recurrent import assert_bfloat16_tracks_float32, cell_weights, numpy_lstm, pad_batch, reference_layer
+from test_recurrent import (assert_bfloat16_tracks_float32, assert_matches_generic_scan, cell_weights, numpy_lstm,
+                            pad_batch)
 from test_scale import COMMON, files, train_steps  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="custom calls for CPUs"),
@@ -56,18 +57,9 @@ def test_gradients_match_autodiff_of_the_generic_scan(side, hidden):
     layer = kernel_layer(6, hidden, bidirectional=True, seed=3)
     for cell in (layer.forward, layer.backward):
         cell.bias[...] = jnp.asarray(rng.normal(size=cell.bias.shape), jnp.float32)
-    graphdef, params = nnx.split(layer)
     w_out = jnp.asarray(rng.normal(size=(5, 9, layer.out_features)), jnp.float32)
     w_final = jnp.asarray(rng.normal(size=(5, layer.out_features)), jnp.float32)
-
-    def loss(params, x, kernel):
-        model = nnx.merge(graphdef, params)
-        final, outputs = model(x, mask) if kernel else reference_layer(model, x, mask)
-        return jnp.sum(outputs * w_out) + jnp.sum(jnp.tanh(final) * w_final)
-
-    ours, ref = (jax.value_and_grad(loss, argnums=(0, 1))(params, x, k) for k in (True, False))
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+    assert_matches_generic_scan(layer, x, mask, w_out, w_final, tol=2e-5)
 
 
 def test_bfloat16_matmuls_track_the_float32_reference():

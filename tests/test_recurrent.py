@@ -138,10 +138,16 @@ def test_lstm_fast_path_matches_autodiff_of_generic_scan(side, bidirectional):
     x, mask = jnp.asarray(x), jnp.asarray(mask)
     mask = mask.at[2].set(False)  # an empty row too
     layer = recurrent.RecurrentLayer("lstm", 6, 5, bidirectional, unroll=2, rngs=nnx.Rngs(3))
-    graphdef, params = nnx.split(layer)
     width = layer.out_features
     w_out = jnp.asarray(rng.normal(size=(4, 9, width)), jnp.float32)
     w_final = jnp.asarray(rng.normal(size=(4, width)), jnp.float32)
+    assert_matches_generic_scan(layer, x, mask, w_out, w_final, tol=1e-5)
+
+
+def assert_matches_generic_scan(layer, x, mask, w_out, w_final, tol):
+    """Value and gradients (parameters and x) of `layer` equal to autodiff of the generic scan's, through a
+    loss weighting every output by `w_out` and every final state by `w_final`."""
+    graphdef, params = nnx.split(layer)
 
     def loss(params, x, fast):
         model = nnx.merge(graphdef, params)
@@ -150,7 +156,7 @@ def test_lstm_fast_path_matches_autodiff_of_generic_scan(side, bidirectional):
 
     fast, slow = (jax.value_and_grad(loss, argnums=(0, 1))(params, x, f) for f in (True, False))
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
 
 
 def test_scan_direction_reverse_uses_the_fast_path_exactly():

@@ -71,6 +71,10 @@ class LSTMCell(_Cell):
         zeros = jnp.zeros((batch, self.hidden), dtype)
         return (zeros, zeros)
 
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(input kernel, bias, recurrent kernel), as `lstm_direction` takes them."""
+        return self.input_kernel[...], self.bias[...], self.recurrent_kernel[...]
+
     def step(self, carry: Carry, xp: jax.Array, w_h: jax.Array) -> Carry:
         h, c = carry
         i, f, g, o = jnp.split(xp + h @ w_h, 4, axis=-1)
@@ -122,8 +126,7 @@ def scan_direction(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
                    unroll: int = 1) -> tuple[jax.Array, jax.Array]:
     """Runs one direction over [B, T, F] with a [B, T] mask; returns (final h [B,H], outputs [B,T,H])."""
     if isinstance(cell, LSTMCell):
-        weights = tuple(p[...] for p in (cell.input_kernel, cell.bias, cell.recurrent_kernel))
-        return lstm_direction(weights, x, mask, reverse=reverse, unroll=unroll)
+        return lstm_direction(cell.weights(), x, mask, reverse=reverse, unroll=unroll)
     return generic_scan(cell, x, mask, reverse=reverse, unroll=unroll)
 
 
@@ -347,9 +350,8 @@ class RecurrentLayer(nnx.Module):
             # A custom call the compiler cannot split by batch: run it on each device's rows.
             return sharding.map_batch_shards(run, cudnn_weights(cells), x, mask)
         if self.backend == "cpu_kernel":
-            weights = [tuple(p[...] for p in (c.input_kernel, c.bias, c.recurrent_kernel)) for c in cells]
             # A custom call, like cuDNN's: each device runs it on its own rows.
-            return sharding.map_batch_shards(kernel_layer, weights, x, mask)
+            return sharding.map_batch_shards(kernel_layer, [c.weights() for c in cells], x, mask)
         final, outputs = scan_direction(self.forward, x, mask, reverse=False, unroll=self.unroll)
         if self.backward is not None:
             final_b, outputs_b = scan_direction(self.backward, x, mask, reverse=True, unroll=self.unroll)
