@@ -122,26 +122,32 @@ def varying_like(outputs, like: jax.Array):
     return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), outputs) if axes else outputs
 
 
-def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool, bfloat16: bool):
-    """(hs, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection), bias [4H],
-    w_h [H, 4H], mask [T, B]. hs and cs [T, B, H] are the carries after each step; gates [T, B, 4H]
-    the activated i, f, g, o. `bfloat16`: h @ w_h on AMX bfloat16 tiles (float32 sums) where the CPU
-    has them, H is a multiple of 32 and each thread's rows of 16; float32 elsewhere."""
+def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool, dtype):
+    """(outputs, final, h_prev, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection),
+    bias [4H], w_h [H, 4H], mask [T, B]. outputs [T, B, H] are h after each step, zero where masked, and
+    h_prev the carry h each step started from, both in `dtype`; final [B, H] is the last carry, cs
+    [T, B, H] the cell state after each step and gates [T, B, 4H] the activated i, f, g, o, in float32.
+    With bfloat16 `dtype`, h @ w_h runs on AMX bfloat16 tiles (float32 sums) where the CPU has them, H
+    is a multiple of 32 and each thread's rows of 16; on bfloat16-rounded h in float32 elsewhere."""
     register()
     steps, batch, width = xp.shape
-    carry = jax.ShapeDtypeStruct((steps, batch, width // 4), jnp.float32)
-    call = jax.ffi.ffi_call(TARGETS["forward"], (carry, carry, jax.ShapeDtypeStruct(xp.shape, jnp.float32)))
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    carries = jax.ShapeDtypeStruct((steps, batch, width // 4), dtype)
+    call = jax.ffi.ffi_call(TARGETS["forward"],
+                            (carries, f32((batch, width // 4)), carries, f32(carries.shape), f32(xp.shape)))
     outputs = call(xp.astype(jnp.float32), b.astype(jnp.float32), w_h.astype(jnp.float32), mask.astype(bool),
-                   reverse=bool(reverse), bfloat16=bool(bfloat16), threads=np.int64(threads_per_device()))
+                   reverse=bool(reverse), threads=np.int64(threads_per_device()))
     return varying_like(outputs, xp)
 
 
-def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool, bfloat16: bool) -> jax.Array:
-    """dz [T, B, 4H], the cotangents of the gate pre-activations, from the forward's gates and cs, the
-    outputs' and final state's cotangents, and w_h [H, 4H]."""
+def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool, dtype) -> tuple[jax.Array, jax.Array]:
+    """(dz [T, B, 4H] in `dtype`, its float32 sum over steps and rows [4H], the bias's gradient): the
+    cotangents of the gate pre-activations, from the forward's gates and cs, the outputs' cotangents
+    (float32 or bfloat16) and the final state's, and w_h [H, 4H]."""
     register()
-    call = jax.ffi.ffi_call(TARGETS["backward"], jax.ShapeDtypeStruct(gates.shape, jnp.float32))
+    call = jax.ffi.ffi_call(TARGETS["backward"], (jax.ShapeDtypeStruct(gates.shape, dtype),
+                                                  jax.ShapeDtypeStruct(gates.shape[-1:], jnp.float32)))
     f32 = lambda a: a.astype(jnp.float32)
-    dz = call(f32(gates), f32(cs), f32(d_outputs), f32(d_final), mask.astype(bool), f32(w_h).T,
-              reverse=bool(reverse), bfloat16=bool(bfloat16), threads=np.int64(threads_per_device()))
-    return varying_like(dz, gates)
+    outputs = call(f32(gates), f32(cs), d_outputs, f32(d_final), mask.astype(bool), f32(w_h).T,
+                   reverse=bool(reverse), threads=np.int64(threads_per_device()))
+    return varying_like(outputs, gates)

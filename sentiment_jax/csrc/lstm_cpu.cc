@@ -2,14 +2,16 @@
 //
 // Only the sequential part lives here: per step, z = xp_t + b + h @ W_h, the gates, the masked carry
 // (forward), and the gate cotangents dz_t with dh = dz_t @ W_h^T (backward). The large matmuls over
-// all steps (x @ W_x, [x, h]^T @ dz, dz @ W_x^T) stay in XLA. The scan in recurrent.py computes the
+// all steps (x @ W_x, [x, h_prev]^T @ dz, dz @ W_x^T) stay in XLA. The scan in recurrent.py computes the
 // same and is what this is tested against.
 //
-// Layouts are time-major and row-major: xp, gates, dz [T, B, 4H]; bias [4H]; hs, cs, d_outputs [T, B, H];
-// mask [T, B]; w [H, 4H] (forward) or w^T [4H, H] (backward). Gate order i, f, g, o.
-// Arrays are float32; with `bfloat16` the per-step matmul runs on AMX bfloat16 tiles where the CPU has
-// them (float32 sums), as the scan's bfloat16 matmuls round their operands. Built with -march=native on
-// the machine that runs it (cpu_kernels.py).
+// Layouts are time-major and row-major: xp, gates, dz [T, B, 4H]; bias, d_bias [4H]; outputs, h_prev,
+// cs, d_outputs [T, B, H]; final [B, H]; mask [T, B]; w [H, 4H] (forward) or w^T [4H, H] (backward).
+// Gate order i, f, g, o. The carries, gates and sums are float32. The arrays the large matmuls read
+// (outputs, h_prev, dz) and d_outputs come in the model's matmul dtype, float32 or bfloat16, so that XLA
+// converts nothing between the kernel and its matmuls. With bfloat16 the per-step matmul runs on AMX
+// bfloat16 tiles where the CPU has them (float32 sums), as the scan's bfloat16 matmuls round their
+// operands. Built with -march=native on the machine that runs it (cpu_kernels.py).
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -93,6 +96,22 @@ void MatMulAcc(const float* a, int64_t m, int64_t k, const float* w, bool packed
     }
 }
 
+// bfloat16 is stored as the upper 16 bits of a float32 (uint16_t, as XLA's FFI hands it over).
+using Bf16 = uint16_t;
+
+inline Bf16 ToBf16(float x) {  // round to nearest even, as XLA's conversion does; NaN stays NaN
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<Bf16>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(Bf16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+
+template <typename T> inline T FromFloat(float x);
+template <> inline float FromFloat<float>(float x) { return x; }
+template <> inline Bf16 FromFloat<Bf16>(float x) { return ToBf16(x); }
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // AMX: bfloat16 tile matmuls with float32 sums, for bfloat16 models on CPUs that have them. Tiles are
 // 16 rows of 64 bytes: a [16, 32] bfloat16, w [32, 16] as 16 rows of bfloat16 pairs, c [16, 16] float32.
@@ -101,12 +120,6 @@ void MatMulAcc(const float* a, int64_t m, int64_t k, const float* w, bool packed
 bool AmxUsable() {
   static const bool usable = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return usable;
-}
-
-inline uint16_t ToBf16(float x) {  // round to nearest even, as the hardware conversion does
-  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 struct alignas(64) TileConfig {
@@ -132,20 +145,18 @@ class AmxMatMul {
     for (int t = 0; t < 8; ++t) config_.colsb[t] = 64, config_.rows[t] = 16;
   }
 
-  // c[M, N] += a[M, K] @ w for M a multiple of 16: tiles 0-1 hold a 16 x 32 block of c, 4 a row block
-  // of a, 6-7 two column blocks of w. `scratch` holds a in bfloat16 (one per thread).
-  void MulAcc(const float* a, int64_t m, float* c, std::vector<uint16_t>& scratch) const {
-    scratch.resize(m * k_);
-    for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToBf16(a[i]);
+  // c[M, N] += a[M, K] @ w for M a multiple of 16, rows of a K apart: tiles 0-1 hold a 16 x 32 block
+  // of c, 4 a row block of a, 6-7 two column blocks of w.
+  void MulAcc(const Bf16* a, int64_t m, float* c) const {
     _tile_loadconfig(&config_);
-    const int64_t ldc = n_ * sizeof(float), lda = k_ * sizeof(uint16_t);
+    const int64_t ldc = n_ * sizeof(float), lda = k_ * sizeof(Bf16);
     for (int64_t n0 = 0; n0 < n_; n0 += 32)
       for (int64_t m0 = 0; m0 < m; m0 += 16) {
         float* c0 = c + m0 * n_ + n0;
         _tile_loadd(0, c0, ldc);
         _tile_loadd(1, c0 + 16, ldc);
         for (int64_t k0 = 0; k0 < k_; k0 += 32) {
-          _tile_loadd(4, &scratch[m0 * k_ + k0], lda);
+          _tile_loadd(4, a + m0 * k_ + k0, lda);
           _tile_loadd(6, &tiles_[((n0 / 16) * (k_ / 32) + k0 / 32) * 256], 64);
           _tile_loadd(7, &tiles_[((n0 / 16 + 1) * (k_ / 32) + k0 / 32) * 256], 64);
           _tile_dpbf16ps(0, 4, 6);
@@ -164,9 +175,8 @@ class AmxMatMul {
 };
 #endif
 
-// The per-step c[M, N] += a[M, K] @ W[K, N] with W fixed over the steps: AMX bfloat16 tiles for a
-// bfloat16 model where the CPU has them (a rounded to bfloat16 as the scan's bfloat16 matmuls do),
-// else float32, W packed into panels where N allows.
+// The per-step c[M, N] += a[M, K] @ W[K, N] with W fixed over the steps, rows of a K apart: a in
+// bfloat16 on AMX tiles where the CPU has them, else in float32 with W packed into panels where N allows.
 class StepMatMul {
  public:
   StepMatMul(const float* w, int64_t k, int64_t n, bool bf16)
@@ -177,11 +187,17 @@ class StepMatMul {
   }
 
   // Thread-safe; `scratch` is the calling thread's own.
-  void MulAcc(const float* a, int64_t m, float* c, std::vector<uint16_t>& scratch) const {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_ && m % 16 == 0) return amx_->MulAcc(a, m, c, scratch);
-#endif
+  void MulAcc(const float* a, int64_t m, float* c, std::vector<float>&) const {
     MatMulAcc(a, m, k_, w_.data(), packed_, n_, c);
+  }
+
+  void MulAcc(const Bf16* a, int64_t m, float* c, std::vector<float>& scratch) const {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_ && m % 16 == 0) return amx_->MulAcc(a, m, c);
+#endif
+    scratch.resize(m * k_);
+    for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToFloat(a[i]);
+    MatMulAcc(scratch.data(), m, k_, w_.data(), packed_, n_, c);
   }
 
  private:
@@ -231,18 +247,21 @@ inline void AddBias(const float* __restrict x, const float* __restrict bias, int
   for (int64_t j = 0; j < n; ++j) out[j] = x[j] + bias[j];
 }
 
-// One row's new cell state and output from its activated gates g [4H] and previous cell state.
+// One real row's step: new cell state c and carry h (updated in place) from its activated gates
+// g [4H] and previous cell state, and the step's output (h in the output's dtype).
+template <typename T>
 inline void CellUpdate(const float* __restrict g, const float* __restrict c_prev, int64_t hidden,
-                       float* __restrict c, float* __restrict h) {
+                       float* __restrict c, float* __restrict h, T* __restrict out) {
   const float *gi = g, *gf = g + hidden, *gg = g + 2 * hidden, *go = g + 3 * hidden;
   for (int64_t j = 0; j < hidden; ++j) {
     c[j] = gf[j] * c_prev[j] + gi[j] * gg[j];
     h[j] = go[j] * Tanh(c[j]);
+    out[j] = FromFloat<T>(h[j]);
   }
 }
 
-// One real (unpadded) row's gate cotangents dz [4H]; dh, dc [H] come in as the cotangents of the
-// carry after the step and dc leaves as that of the carry before it (dh's recurrent part is the matmul).
+// One real (unpadded) row's gate cotangents dz [4H]; dh, dc [H] come in as the cotangents of the carry
+// after the step and dc leaves as that of the carry before it (dh's recurrent part is the matmul).
 inline void CellGradient(const float* __restrict g, const float* __restrict c, const float* __restrict c_prev,
                          const float* __restrict d_out, int64_t hidden, const float* __restrict dh,
                          float* __restrict dc, float* __restrict dz) {
@@ -259,6 +278,29 @@ inline void CellGradient(const float* __restrict g, const float* __restrict c, c
   }
 }
 
+// A float32 row in T (float32 or bfloat16): a row of `from` itself where T is float32, else `scratch`
+// holding it converted.
+template <typename T>
+inline const float* AsFloat(const T* from, int64_t n, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return from;
+  } else {
+    scratch.resize(n);
+    for (int64_t j = 0; j < n; ++j) scratch[j] = ToFloat(from[j]);
+    return scratch.data();
+  }
+}
+
+template <typename T>
+inline void Store(const float* __restrict from, int64_t n, T* __restrict to) {
+  if constexpr (!std::is_same_v<T, float>)
+    for (int64_t j = 0; j < n; ++j) to[j] = FromFloat<T>(from[j]);
+}
+
+inline void Accumulate(const float* __restrict x, int64_t n, float* __restrict sum) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += x[j];
+}
+
 struct Shape {
   int64_t steps, batch, hidden;
 };
@@ -266,98 +308,143 @@ struct Shape {
 // Step index of the i-th step in scan order.
 inline int64_t StepAt(int64_t i, int64_t steps, bool reverse) { return reverse ? steps - 1 - i : i; }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
-                           ffi::Buffer<ffi::PRED> mask,
-                           ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
-                           ffi::ResultBuffer<ffi::F32> gates, bool reverse, bool bf16,
-                           int64_t threads) {
-  const auto dims = xp.dimensions();
-  if (dims.size() != 3 || w_h.dimensions().size() != 2 || w_h.dimensions()[1] != dims[2] ||
-      dims[2] != 4 * w_h.dimensions()[0] || bias.element_count() != dims[2])
-    return ffi::Error::InvalidArgument("lstm_forward: expected xp [T, B, 4H], bias [4H] and w_h [H, 4H]");
-  const Shape s{dims[0], dims[1], w_h.dimensions()[0]};
+// T: the dtype of outputs and h_prev (float32 or bfloat16).
+template <typename T>
+void LstmForwardSteps(const float* x, const float* bias, const StepMatMul& w, const bool* m, const Shape& s,
+                      bool reverse, int64_t threads, T* out_all, float* final, T* hp_all, float* c_all, float* g_all) {
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  const StepMatMul w(w_h.typed_data(), s.hidden, h4, bf16);
   const std::vector<float> zeros(bh, 0.0f);
-  const float* x = xp.typed_data();
-  const bool* m = mask.typed_data();
-  float* h_all = hs->typed_data();
-  float* c_all = cs->typed_data();
-  float* g_all = gates->typed_data();
   ParallelRows(s.batch, threads, [&](int64_t first, int64_t last) {
-    std::vector<uint16_t> scratch;
+    std::vector<float> h((last - first) * s.hidden, 0.0f), scratch;  // this thread's rows' carry h
     for (int64_t i = 0; i < s.steps; ++i) {
       const int64_t t = StepAt(i, s.steps, reverse);
-      const float* h_prev = i ? h_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
       const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
+      T* hp = hp_all + t * bh + first * s.hidden;
+      for (size_t j = 0; j < h.size(); ++j) hp[j] = FromFloat<T>(h[j]);
       float* g = g_all + t * bh4;
-      for (int64_t b = first; b < last; ++b) AddBias(x + t * bh4 + b * h4, bias.typed_data(), h4, g + b * h4);
-      w.MulAcc(h_prev + first * s.hidden, last - first, g + first * h4, scratch);
+      for (int64_t b = first; b < last; ++b) AddBias(x + t * bh4 + b * h4, bias, h4, g + b * h4);
+      if constexpr (std::is_same_v<T, Bf16>) w.MulAcc(hp, last - first, g + first * h4, scratch);
+      else w.MulAcc(h.data(), last - first, g + first * h4, scratch);
       for (int64_t b = first; b < last; ++b) {
         float* gb = g + b * h4;
-        const float* hp = h_prev + b * s.hidden;
         const float* cp = c_prev + b * s.hidden;
-        float* hb = h_all + t * bh + b * s.hidden;
         float* cb = c_all + t * bh + b * s.hidden;
+        T* ob = out_all + t * bh + b * s.hidden;
         for (int64_t j = 0; j < 2 * s.hidden; ++j) gb[j] = Sigmoid(gb[j]);
         for (int64_t j = 2 * s.hidden; j < 3 * s.hidden; ++j) gb[j] = Tanh(gb[j]);
         for (int64_t j = 3 * s.hidden; j < h4; ++j) gb[j] = Sigmoid(gb[j]);
         if (m[t * s.batch + b]) {
-          CellUpdate(gb, cp, s.hidden, cb, hb);
-        } else {
-          std::memcpy(hb, hp, s.hidden * sizeof(float));
+          CellUpdate(gb, cp, s.hidden, cb, h.data() + (b - first) * s.hidden, ob);
+        } else {  // a padded step carries h and c through and outputs zeros
           std::memcpy(cb, cp, s.hidden * sizeof(float));
+          std::memset(ob, 0, s.hidden * sizeof(T));
         }
       }
     }
+    std::memcpy(final + first * s.hidden, h.data(), h.size() * sizeof(float));
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> d_outputs,
-                            ffi::Buffer<ffi::F32> d_final, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> w_t,
-                            ffi::ResultBuffer<ffi::F32> dz_out, bool reverse, bool bf16,
-                            int64_t threads) {
-  const auto dims = cs.dimensions();
-  if (dims.size() != 3 || w_t.dimensions().size() != 2 || w_t.dimensions()[0] != 4 * dims[2] ||
-      w_t.dimensions()[1] != dims[2])
-    return ffi::Error::InvalidArgument("lstm_backward: expected cs [T, B, H] and w_t [4H, H]");
-  const Shape s{dims[0], dims[1], dims[2]};
+// T: the dtype of dz; D: that of d_outputs.
+template <typename T, typename D>
+void LstmBackwardSteps(const float* g_all, const float* c_all, const D* do_all, const float* d_final, const bool* m,
+                       const StepMatMul& w, const Shape& s, bool reverse, int64_t threads, T* dz_all, float* d_bias) {
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
-  const StepMatMul w(w_t.typed_data(), h4, s.hidden, bf16);
   const std::vector<float> zeros(bh, 0.0f);
-  const float* g_all = gates.typed_data();
-  const float* c_all = cs.typed_data();
-  const float* do_all = d_outputs.typed_data();
-  const bool* m = mask.typed_data();
-  float* dz_all = dz_out->typed_data();
+  // Each row's own running sum of its dz, added up over rows in order at the end: the same bits
+  // however the rows are split over threads.
+  std::vector<float> row_bias(s.batch * h4, 0.0f);
   ParallelRows(s.batch, threads, [&](int64_t first, int64_t last) {
     const int64_t rows = last - first;
-    std::vector<float> dh(d_final.typed_data() + first * s.hidden, d_final.typed_data() + last * s.hidden);
-    std::vector<float> dc(rows * s.hidden, 0.0f), dh_next(rows * s.hidden);
-    std::vector<uint16_t> scratch;
+    std::vector<float> dh(d_final + first * s.hidden, d_final + last * s.hidden);
+    std::vector<float> dc(rows * s.hidden, 0.0f), dh_next(rows * s.hidden), scratch, d_out_row, dz_row(h4);
     for (int64_t i = s.steps - 1; i >= 0; --i) {  // scan order, backwards
       const int64_t t = StepAt(i, s.steps, reverse);
       const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
-      float* dz = dz_all + t * bh4;
+      T* dz = dz_all + t * bh4;
       for (int64_t b = first; b < last; ++b) {
-        float* dzb = dz + b * h4;
+        T* dzb = dz + b * h4;
         float* dhb = dh.data() + (b - first) * s.hidden;
-        float* dcb = dc.data() + (b - first) * s.hidden;
         float* dhn = dh_next.data() + (b - first) * s.hidden;
         if (!m[t * s.batch + b]) {  // a padded step passes both cotangents through and has no gradient
-          std::memset(dzb, 0, h4 * sizeof(float));
+          std::memset(dzb, 0, h4 * sizeof(T));
           std::memcpy(dhn, dhb, s.hidden * sizeof(float));
           continue;
         }
+        // dz in float32: in dz itself, or in a row converted to bfloat16 after.
+        float* dz_f = std::is_same_v<T, float> ? reinterpret_cast<float*>(dzb) : dz_row.data();
         CellGradient(g_all + t * bh4 + b * h4, c_all + t * bh + b * s.hidden, c_prev + b * s.hidden,
-                     do_all + t * bh + b * s.hidden, s.hidden, dhb, dcb, dzb);
+                     AsFloat(do_all + t * bh + b * s.hidden, s.hidden, d_out_row), s.hidden, dhb,
+                     dc.data() + (b - first) * s.hidden, dz_f);
+        Store(dz_f, h4, dzb);
+        Accumulate(dz_f, h4, row_bias.data() + b * h4);
         std::memset(dhn, 0, s.hidden * sizeof(float));
       }
       w.MulAcc(dz + first * h4, rows, dh_next.data(), scratch);
       dh.swap(dh_next);
     }
   });
+  std::fill(d_bias, d_bias + h4, 0.0f);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t j = 0; j < h4; ++j) d_bias[j] += row_bias[b * h4 + j];
+}
+
+bool IsBf16(const ffi::AnyBuffer& a) { return a.element_type() == ffi::DataType::BF16; }
+bool IsFloat(const ffi::AnyBuffer& a) { return IsBf16(a) || a.element_type() == ffi::DataType::F32; }
+
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
+                           ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> outputs,
+                           ffi::ResultBuffer<ffi::F32> final, ffi::Result<ffi::AnyBuffer> h_prev,
+                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates, bool reverse,
+                           int64_t threads) {
+  const auto dims = xp.dimensions();
+  if (dims.size() != 3 || w_h.dimensions().size() != 2 || w_h.dimensions()[1] != dims[2] ||
+      dims[2] != 4 * w_h.dimensions()[0] || bias.element_count() != dims[2] || !IsFloat(*outputs) ||
+      outputs->element_type() != h_prev->element_type())
+    return ffi::Error::InvalidArgument(
+        "lstm_forward: expected xp [T, B, 4H], bias [4H], w_h [H, 4H] and outputs, h_prev of one float dtype");
+  const Shape s{dims[0], dims[1], w_h.dimensions()[0]};
+  const bool bf16 = IsBf16(*outputs);
+  const StepMatMul w(w_h.typed_data(), s.hidden, 4 * s.hidden, bf16);
+  if (bf16)
+    LstmForwardSteps(xp.typed_data(), bias.typed_data(), w, mask.typed_data(), s, reverse, threads,
+                     reinterpret_cast<Bf16*>(outputs->untyped_data()), final->typed_data(), reinterpret_cast<Bf16*>(h_prev->untyped_data()), cs->typed_data(),
+                     gates->typed_data());
+  else
+    LstmForwardSteps(xp.typed_data(), bias.typed_data(), w, mask.typed_data(), s, reverse, threads,
+                     outputs->typed_data<float>(), final->typed_data(), h_prev->typed_data<float>(), cs->typed_data(),
+                     gates->typed_data());
+  return ffi::Error::Success();
+}
+
+template <typename T>
+void LstmBackwardAs(const ffi::AnyBuffer& d_outputs, const float* g, const float* c, const float* d_final,
+                    const bool* m, const StepMatMul& w, const Shape& s, bool reverse, int64_t threads, T* dz,
+                    float* d_bias) {
+  if (IsBf16(d_outputs))
+    LstmBackwardSteps(g, c, static_cast<const Bf16*>(d_outputs.untyped_data()), d_final, m, w, s, reverse, threads, dz, d_bias);
+  else
+    LstmBackwardSteps(g, c, d_outputs.typed_data<float>(), d_final, m, w, s, reverse, threads, dz, d_bias);
+}
+
+ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs, ffi::AnyBuffer d_outputs,
+                            ffi::Buffer<ffi::F32> d_final, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> w_t,
+                            ffi::Result<ffi::AnyBuffer> dz, ffi::ResultBuffer<ffi::F32> d_bias, bool reverse,
+                            int64_t threads) {
+  const auto dims = cs.dimensions();
+  if (dims.size() != 3 || w_t.dimensions().size() != 2 || w_t.dimensions()[0] != 4 * dims[2] ||
+      w_t.dimensions()[1] != dims[2] || !IsFloat(*dz) || !IsFloat(d_outputs))
+    return ffi::Error::InvalidArgument("lstm_backward: expected cs [T, B, H], w_t [4H, H] and float dz, d_outputs");
+  const Shape s{dims[0], dims[1], dims[2]};
+  const bool bf16 = IsBf16(*dz);
+  const StepMatMul w(w_t.typed_data(), 4 * s.hidden, s.hidden, bf16);
+  const float *g = gates.typed_data(), *c = cs.typed_data(), *d_f = d_final.typed_data();
+  if (bf16)
+    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, reinterpret_cast<Bf16*>(dz->untyped_data()),
+                   d_bias->typed_data());
+  else
+    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, dz->typed_data<float>(),
+                   d_bias->typed_data());
   return ffi::Error::Success();
 }
 
@@ -369,22 +456,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // hs
+                                  .Ret<ffi::AnyBuffer>()          // outputs
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // final
+                                  .Ret<ffi::AnyBuffer>()          // h_prev
                                   .Ret<ffi::Buffer<ffi::F32>>()   // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gates
                                   .Attr<bool>("reverse")
-                                  .Attr<bool>("bfloat16")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // gates
                                   .Arg<ffi::Buffer<ffi::F32>>()   // cs
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // d_outputs
+                                  .Arg<ffi::AnyBuffer>()          // d_outputs
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d_final
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h^T
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz
+                                  .Ret<ffi::AnyBuffer>()          // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d_bias
                                   .Attr<bool>("reverse")
-                                  .Attr<bool>("bfloat16")
                                   .Attr<int64_t>("threads"));

@@ -188,11 +188,14 @@ def _gate_constants(hidden: int, dtype):
 
 
 def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals):
+    """((final h, outputs), residuals): the residuals (h_prev, cs, gates) are the carry h each step
+    started from, in x's dtype as the weight gradient's matmul takes it, and the float32 cell states
+    and activated gates."""
     w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
     xp = _matmul(x, w_x)
     if backend == "cpu_kernel":  # the same steps as the scan below, as one custom call
-        hs, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse, bfloat16=x.dtype == jnp.bfloat16)
-        return (hs[0] if reverse else hs[-1], jnp.where(mask[..., None], hs, 0).astype(x.dtype)), (hs, cs, gates)
+        outputs, final, h_prev, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse, x.dtype)
+        return (final, outputs), (h_prev, cs, gates)
     zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)
     scale, shift = _gate_constants(w_h.shape[0], jnp.float32)
 
@@ -211,7 +214,8 @@ def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals
 
     (h, _), ys = jax.lax.scan(body, (zeros, zeros), (xp, mask), reverse=reverse, unroll=unroll)
     hs = ys[0] if keep_residuals else ys
-    return (h, jnp.where(mask[..., None], hs, 0).astype(x.dtype)), ys
+    out = (h, jnp.where(mask[..., None], hs, 0).astype(x.dtype))
+    return out, ((_previous(hs, reverse).astype(x.dtype), *ys[1:]) if keep_residuals else None)
 
 
 def _previous(seq, reverse):
@@ -232,9 +236,9 @@ def _lstm_scan_fwd(x, w_x, b, mask, w_h, reverse, unroll, backend):
 
 
 def _lstm_scan_bwd(reverse, unroll, backend, residuals, cotangents):
-    (hs, cs, gates), x, mask, w_x, w_h = residuals
+    (h_prev, cs, gates), x, mask, w_x, w_h = residuals
     d_final, d_outputs = cotangents
-    d_final, d_outputs = d_final.astype(jnp.float32), d_outputs.astype(jnp.float32)
+    d_final = d_final.astype(jnp.float32)
     w_t = w_h.T.astype(x.dtype)
 
     def body(carry, inputs):
@@ -250,20 +254,20 @@ def _lstm_scan_bwd(reverse, unroll, backend, residuals, cotangents):
                               dc_new * i * (1 - g ** 2), dh_step * tanh_c * o * (1 - o)], axis=-1)
         return (_matmul(dz, w_t) + dh - dh_step, dc_new * f + dc - dc_step), dz
 
-    if backend == "cpu_kernel":
-        dz = cpu_kernels.lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse,
-                                       bfloat16=x.dtype == jnp.bfloat16)
+    if backend == "cpu_kernel":  # dz already in x's dtype, and its sum
+        dz, d_b = cpu_kernels.lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse, x.dtype)
     else:
         _, dz = jax.lax.scan(body, (d_final, jnp.zeros_like(d_final)),
-                             (gates, cs, _previous(cs, reverse), d_outputs, mask), reverse=not reverse,
-                             unroll=unroll)
+                             (gates, cs, _previous(cs, reverse), d_outputs.astype(jnp.float32), mask),
+                             reverse=not reverse, unroll=unroll)
+        d_b = dz.sum((0, 1))
     # Contract over time and batch together as one GEMM. No reshape to [T*B, ...]: with the batch
     # sharded over devices that reshape would force an all-gather, where this needs one all-reduce.
-    inputs = jnp.concatenate([x, _previous(hs, reverse).astype(x.dtype)], axis=-1)
+    inputs = jnp.concatenate([x, h_prev], axis=-1)
     d_w = jax.lax.dot_general(inputs, dz.astype(x.dtype), (((0, 1), (0, 1)), ((), ())),
                               preferred_element_type=jnp.float32)
     d_x = _matmul(dz, w_x.T.astype(x.dtype)).astype(x.dtype)
-    return d_x, d_w[:x.shape[-1]], dz.sum((0, 1)), None, d_w[x.shape[-1]:]
+    return d_x, d_w[:x.shape[-1]], d_b, None, d_w[x.shape[-1]:]
 
 
 _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
