@@ -261,13 +261,14 @@ def _lstm_scan_bwd(reverse, unroll, backend, residuals, cotangents):
                              (gates, cs, _previous(cs, reverse), d_outputs.astype(jnp.float32), mask),
                              reverse=not reverse, unroll=unroll)
         d_b = dz.sum((0, 1))
-    # Contract over time and batch together as one GEMM. No reshape to [T*B, ...]: with the batch
-    # sharded over devices that reshape would force an all-gather, where this needs one all-reduce.
-    inputs = jnp.concatenate([x, h_prev], axis=-1)
-    d_w = jax.lax.dot_general(inputs, dz.astype(x.dtype), (((0, 1), (0, 1)), ((), ())),
-                              preferred_element_type=jnp.float32)
+    # Contract over time and batch together. No reshape to [T*B, ...]: with the batch sharded over
+    # devices that reshape would force an all-gather, where this needs one all-reduce. Two products,
+    # not one of [x, h_prev]: XLA's CPU backend would build that concatenation in float32.
+    dz = dz.astype(x.dtype)
+    d_w = [jax.lax.dot_general(a, dz, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32)
+           for a in (x, h_prev)]
     d_x = _matmul(dz, w_x.T.astype(x.dtype)).astype(x.dtype)
-    return d_x, d_w[:x.shape[-1]], d_b, None, d_w[x.shape[-1]:]
+    return d_x, d_w[0], d_b, None, d_w[1]
 
 
 _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
