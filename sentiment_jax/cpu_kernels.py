@@ -122,22 +122,35 @@ def varying_like(outputs, like: jax.Array):
     return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), outputs) if axes else outputs
 
 
-def lstm_forward(xp: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool, dtype):
-    """(outputs, final, h_prev, cs, gates) of the masked LSTM steps: xp [T, B, 4H] (the input projection),
-    bias [4H], w_h [H, 4H], mask [T, B]. outputs [T, B, H] are h after each step, zero where masked, and
-    h_prev the carry h each step started from, both in `dtype`; final [B, H] is the last carry, cs
-    [T, B, H] the cell state after each step and gates [T, B, 4H] the activated i, f, g, o, in float32.
-    With bfloat16 `dtype`, h @ w_h runs on AMX bfloat16 tiles (float32 sums) where the CPU has them, H
-    is a multiple of 32 and each thread's rows of 16; on bfloat16-rounded h in float32 elsewhere."""
+def projects_per_step(dtype) -> bool:
+    """Whether the kernel makes the input projection x_t @ W_x itself, step by step: for bfloat16 on
+    AMX tiles, where that costs less than reading back a [T, B, 4H] projection made by XLA. Elsewhere
+    XLA's one large matmul over all steps is faster."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and {"amx_bf16", "amx_tile"} <= cpu_setup.machine_flags()
+
+
+def lstm_forward(x: jax.Array, w_x: jax.Array, b: jax.Array, w_h: jax.Array, mask: jax.Array, reverse: bool):
+    """(outputs, final, h_prev, cs, gates) of the masked LSTM steps over x [T, B, E] (float32 or
+    bfloat16: the matmuls' dtype), w_x [E, 4H], bias [4H], w_h [H, 4H], mask [T, B]. outputs [T, B, H]
+    are h after each step, zero where masked, and h_prev the carry h each step started from, both in
+    x's dtype; final [B, H] is the last carry, cs [T, B, H] the cell state after each step and gates
+    [T, B, 4H] the activated i, f, g, o, in float32. In bfloat16 the per-step matmuls run on AMX tiles
+    (float32 sums) where the CPU has them, E and H are multiples of 32 and each thread's rows of 16;
+    in float32 on bfloat16-rounded operands elsewhere."""
     register()
-    steps, batch, width = xp.shape
+    steps, batch, _ = x.shape
+    hidden = w_h.shape[0]
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    carries = jax.ShapeDtypeStruct((steps, batch, width // 4), dtype)
+    carries = jax.ShapeDtypeStruct((steps, batch, hidden), x.dtype)
     call = jax.ffi.ffi_call(TARGETS["forward"],
-                            (carries, f32((batch, width // 4)), carries, f32(carries.shape), f32(xp.shape)))
-    outputs = call(xp.astype(jnp.float32), b.astype(jnp.float32), w_h.astype(jnp.float32), mask.astype(bool),
-                   reverse=bool(reverse), threads=np.int64(threads_per_device()))
-    return varying_like(outputs, xp)
+                            (carries, f32((batch, hidden)), carries, f32(carries.shape), f32((steps, batch, 4 * hidden))))
+    projected = not projects_per_step(x.dtype)
+    if projected:
+        x = jnp.matmul(x, w_x.astype(x.dtype), preferred_element_type=jnp.float32)
+    f = lambda a: a.astype(jnp.float32)
+    outputs = call(x, f(w_x), f(b), f(w_h), mask.astype(bool), projected=projected, reverse=bool(reverse),
+                   threads=np.int64(threads_per_device()))
+    return varying_like(outputs, x)
 
 
 def lstm_backward(gates, cs, d_outputs, d_final, mask, w_h, reverse: bool, dtype) -> tuple[jax.Array, jax.Array]:

@@ -1,22 +1,25 @@
 // The LSTM recurrence on CPU as two XLA FFI custom calls: the forward steps and their gradient.
 //
-// Only the sequential part lives here: per step, z = xp_t + b + h @ W_h, the gates, the masked carry
-// (forward), and the gate cotangents dz_t with dh = dz_t @ W_h^T (backward). The large matmuls over
-// all steps (x @ W_x, [x, h_prev]^T @ dz, dz @ W_x^T) stay in XLA. The scan in recurrent.py computes the
-// same and is what this is tested against.
+// Only the sequential part lives here: per step, z = b + x_t @ W_x + h @ W_h, the gates and the masked
+// carry (forward), and the gate cotangents dz_t with dh = dz_t @ W_h^T (backward). The large matmuls
+// over all steps of the gradient (x^T @ dz, h_prev^T @ dz, dz @ W_x^T) stay in XLA, and so may the
+// input projection x @ W_x (`projected`: x is then xp [T, B, 4H]). The scan in
+// recurrent.py computes the same and is what this is tested against.
 //
-// Layouts are time-major and row-major: xp, gates, dz [T, B, 4H]; bias, d_bias [4H]; outputs, h_prev,
-// cs, d_outputs [T, B, H]; final [B, H]; mask [T, B]; w [H, 4H] (forward) or w^T [4H, H] (backward).
-// Gate order i, f, g, o. The carries, gates and sums are float32. The arrays the large matmuls read
-// (outputs, h_prev, dz) and d_outputs come in the model's matmul dtype, float32 or bfloat16, so that XLA
-// converts nothing between the kernel and its matmuls. With bfloat16 the per-step matmul runs on AMX
-// bfloat16 tiles where the CPU has them (float32 sums), as the scan's bfloat16 matmuls round their
-// operands. Built with -march=native on the machine that runs it (cpu_kernels.py).
+// Layouts are time-major and row-major: x [T, B, E]; gates, dz [T, B, 4H]; bias, d_bias [4H]; outputs,
+// h_prev, cs, d_outputs [T, B, H]; final [B, H]; mask [T, B]; w_x [E, 4H], w_h [H, 4H] (forward) or
+// w_h^T [4H, H] (backward). Gate order i, f, g, o. The carries, gates and sums are float32. x and the
+// arrays the large matmuls read (outputs, h_prev, dz, d_outputs) come in the model's matmul dtype,
+// float32 or bfloat16, so that XLA converts nothing between the kernel and its matmuls. With bfloat16
+// the per-step matmuls run on AMX bfloat16 tiles where the CPU has them (float32 sums), as the scan's
+// bfloat16 matmuls round their operands. Built with -march=native on the machine that runs it
+// (cpu_kernels.py).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -128,12 +131,12 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-class AmxMatMul {
+// w [K, N] (K and N multiples of 32) as AMX weight tiles, 16 rows of bfloat16 pairs each.
+class AmxWeights {
  public:
-  // Usable for a[M, K] @ w[K, N] when K and N are multiples of 32 (M: of 16, checked per call).
   static bool Fits(int64_t k, int64_t n) { return k % 32 == 0 && n % 32 == 0 && AmxUsable(); }
 
-  AmxMatMul(const float* w, int64_t k, int64_t n) : k_(k), n_(n), tiles_(k * n / 2) {
+  AmxWeights(const float* w, int64_t k, int64_t n) : k_(k), tiles_(k * n / 2) {
     for (int64_t nc = 0; nc < n / 16; ++nc)
       for (int64_t kc = 0; kc < k / 32; ++kc)
         for (int64_t r = 0; r < 16; ++r)
@@ -142,47 +145,73 @@ class AmxMatMul {
             tiles_[((nc * (k / 32) + kc) * 16 + r) * 16 + j] =
                 ToBf16(w[row * n + col]) | static_cast<uint32_t>(ToBf16(w[(row + 1) * n + col])) << 16;
           }
-    for (int t = 0; t < 8; ++t) config_.colsb[t] = 64, config_.rows[t] = 16;
   }
 
-  // c[M, N] += a[M, K] @ w for M a multiple of 16, rows of a K apart: tiles 0-1 hold a 16 x 32 block
-  // of c, 4 a row block of a, 6-7 two column blocks of w.
-  void MulAcc(const Bf16* a, int64_t m, float* c) const {
-    _tile_loadconfig(&config_);
-    const int64_t ldc = n_ * sizeof(float), lda = k_ * sizeof(Bf16);
-    for (int64_t n0 = 0; n0 < n_; n0 += 32)
-      for (int64_t m0 = 0; m0 < m; m0 += 16) {
-        float* c0 = c + m0 * n_ + n0;
-        _tile_loadd(0, c0, ldc);
-        _tile_loadd(1, c0 + 16, ldc);
-        for (int64_t k0 = 0; k0 < k_; k0 += 32) {
-          _tile_loadd(4, a + m0 * k_ + k0, lda);
-          _tile_loadd(6, &tiles_[((n0 / 16) * (k_ / 32) + k0 / 32) * 256], 64);
-          _tile_loadd(7, &tiles_[((n0 / 16 + 1) * (k_ / 32) + k0 / 32) * 256], 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        _tile_stored(0, c0, ldc);
-        _tile_stored(1, c0 + 16, ldc);
-      }
-    _tile_release();
-  }
+  int64_t k() const { return k_; }
+  // The tile of rows [32 kc, 32 kc + 32) and columns [16 nc, 16 nc + 16).
+  const uint32_t* Tile(int64_t nc, int64_t kc) const { return &tiles_[(nc * (k_ / 32) + kc) * 256]; }
 
  private:
-  int64_t k_, n_;
+  int64_t k_;
   std::vector<uint32_t> tiles_;
-  TileConfig config_;
 };
+
+struct AmxSource {
+  const Bf16* a;  // [M, K], rows K apart
+  const AmxWeights* w;
+};
+
+// c[M, N] += the sum over sources of a @ w, for M a multiple of 16. Each 32 x 32 block of c stays in
+// tiles 0-3 over every source's K; tiles 4-5 hold two row blocks of a, 6-7 two column blocks of w.
+void AmxMulAcc(std::initializer_list<AmxSource> sources, int64_t m, int64_t n, float* c) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  const int64_t ldc = n * sizeof(float);
+  for (int64_t n0 = 0; n0 < n; n0 += 32)
+    for (int64_t m0 = 0; m0 < m; m0 += 32) {
+      const bool two = m0 + 32 <= m;  // else the last 16 rows
+      float* c0 = c + m0 * n + n0;
+      _tile_loadd(0, c0, ldc);
+      _tile_loadd(1, c0 + 16, ldc);
+      if (two) {
+        _tile_loadd(2, c0 + 16 * n, ldc);
+        _tile_loadd(3, c0 + 16 * n + 16, ldc);
+      }
+      for (const AmxSource& s : sources) {
+        const int64_t k = s.w->k(), lda = k * sizeof(Bf16);
+        for (int64_t k0 = 0; k0 < k; k0 += 32) {
+          _tile_loadd(4, s.a + m0 * k + k0, lda);
+          _tile_loadd(6, s.w->Tile(n0 / 16, k0 / 32), 64);
+          _tile_loadd(7, s.w->Tile(n0 / 16 + 1, k0 / 32), 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, s.a + (m0 + 16) * k + k0, lda);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      _tile_stored(0, c0, ldc);
+      _tile_stored(1, c0 + 16, ldc);
+      if (two) {
+        _tile_stored(2, c0 + 16 * n, ldc);
+        _tile_stored(3, c0 + 16 * n + 16, ldc);
+      }
+    }
+  _tile_release();
+}
 #endif
 
-// The per-step c[M, N] += a[M, K] @ W[K, N] with W fixed over the steps, rows of a K apart: a in
+// A per-step c[M, N] += a[M, K] @ W[K, N] with W fixed over the steps, rows of a K apart: a in
 // bfloat16 on AMX tiles where the CPU has them, else in float32 with W packed into panels where N allows.
 class StepMatMul {
  public:
   StepMatMul(const float* w, int64_t k, int64_t n, bool bf16)
       : k_(k), n_(n), packed_(n % kPanel == 0), w_(packed_ ? Pack(w, k, n) : std::vector<float>(w, w + k * n)) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (bf16 && AmxMatMul::Fits(k, n)) amx_ = std::make_unique<AmxMatMul>(w, k, n);
+    if (bf16 && AmxWeights::Fits(k, n)) amx_ = std::make_unique<AmxWeights>(w, k, n);
 #endif
   }
 
@@ -193,11 +222,23 @@ class StepMatMul {
 
   void MulAcc(const Bf16* a, int64_t m, float* c, std::vector<float>& scratch) const {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_ && m % 16 == 0) return amx_->MulAcc(a, m, c);
+    if (amx_ && m % 16 == 0) return AmxMulAcc({{a, amx_.get()}}, m, n_, c);
 #endif
     scratch.resize(m * k_);
     for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToFloat(a[i]);
     MatMulAcc(scratch.data(), m, k_, w_.data(), packed_, n_, c);
+  }
+
+  // c += a1 @ w1 + a2 @ w2, in one pass over c where both take AMX tiles.
+  template <typename T>
+  static void MulAcc2(const StepMatMul& w1, const T* a1, const StepMatMul& w2, const T* a2, int64_t m, float* c,
+                      std::vector<float>& scratch) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if constexpr (std::is_same_v<T, Bf16>)
+      if (w1.amx_ && w2.amx_ && m % 16 == 0) return AmxMulAcc({{a1, w1.amx_.get()}, {a2, w2.amx_.get()}}, m, w1.n_, c);
+#endif
+    w1.MulAcc(a1, m, c, scratch);
+    w2.MulAcc(a2, m, c, scratch);
   }
 
  private:
@@ -205,7 +246,7 @@ class StepMatMul {
   bool packed_;
   std::vector<float> w_;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  std::unique_ptr<AmxMatMul> amx_;
+  std::unique_ptr<AmxWeights> amx_;
 #endif
 };
 
@@ -302,31 +343,43 @@ inline void Accumulate(const float* __restrict x, int64_t n, float* __restrict s
 }
 
 struct Shape {
-  int64_t steps, batch, hidden;
+  int64_t steps, batch, hidden, inputs;
 };
 
 // Step index of the i-th step in scan order.
 inline int64_t StepAt(int64_t i, int64_t steps, bool reverse) { return reverse ? steps - 1 - i : i; }
 
-// T: the dtype of outputs and h_prev (float32 or bfloat16).
+// T: the dtype of x, outputs and h_prev (float32 or bfloat16). Either x [T, B, E] with its StepMatMul
+// w_x, or xp [T, B, 4H], the input projection already made (x and w_x then unused).
 template <typename T>
-void LstmForwardSteps(const float* x, const float* bias, const StepMatMul& w, const bool* m, const Shape& s,
-                      bool reverse, int64_t threads, T* out_all, float* final, T* hp_all, float* c_all, float* g_all) {
+void LstmForwardSteps(const T* x, const StepMatMul* w_x, const float* xp, const float* bias, const StepMatMul& w_h,
+                      const bool* m, const Shape& s, bool reverse, int64_t threads, T* out_all, float* final,
+                      T* hp_all, float* c_all, float* g_all) {
   const int64_t h4 = 4 * s.hidden, bh = s.batch * s.hidden, bh4 = s.batch * h4;
   const std::vector<float> zeros(bh, 0.0f);
   ParallelRows(s.batch, threads, [&](int64_t first, int64_t last) {
-    std::vector<float> h((last - first) * s.hidden, 0.0f), scratch;  // this thread's rows' carry h
+    const int64_t rows = last - first;
+    std::vector<float> h(rows * s.hidden, 0.0f), scratch;  // this thread's rows' carry h
     for (int64_t i = 0; i < s.steps; ++i) {
       const int64_t t = StepAt(i, s.steps, reverse);
       const float* c_prev = i ? c_all + StepAt(i - 1, s.steps, reverse) * bh : zeros.data();
       T* hp = hp_all + t * bh + first * s.hidden;
-      for (size_t j = 0; j < h.size(); ++j) hp[j] = FromFloat<T>(h[j]);
-      float* g = g_all + t * bh4;
-      for (int64_t b = first; b < last; ++b) AddBias(x + t * bh4 + b * h4, bias, h4, g + b * h4);
-      if constexpr (std::is_same_v<T, Bf16>) w.MulAcc(hp, last - first, g + first * h4, scratch);
-      else w.MulAcc(h.data(), last - first, g + first * h4, scratch);
+      for (int64_t j = 0; j < rows * s.hidden; ++j) hp[j] = FromFloat<T>(h[j]);
+      const auto* h_in = [&] {  // the per-step matmul's operand: bfloat16 as written, or float32 h
+        if constexpr (std::is_same_v<T, Bf16>) return static_cast<const Bf16*>(hp);
+        else return static_cast<const float*>(h.data());
+      }();
+      // z = b + x_t @ W_x + h @ W_h
+      float* g = g_all + t * bh4 + first * h4;
+      if (xp) {
+        for (int64_t r = 0; r < rows; ++r) AddBias(xp + (t * s.batch + first + r) * h4, bias, h4, g + r * h4);
+        w_h.MulAcc(h_in, rows, g, scratch);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(g + r * h4, bias, h4 * sizeof(float));
+        StepMatMul::MulAcc2(*w_x, x + (t * s.batch + first) * s.inputs, w_h, h_in, rows, g, scratch);
+      }
       for (int64_t b = first; b < last; ++b) {
-        float* gb = g + b * h4;
+        float* gb = g + (b - first) * h4;
         const float* cp = c_prev + b * s.hidden;
         float* cb = c_all + t * bh + b * s.hidden;
         T* ob = out_all + t * bh + b * s.hidden;
@@ -392,28 +445,36 @@ void LstmBackwardSteps(const float* g_all, const float* c_all, const D* do_all, 
 bool IsBf16(const ffi::AnyBuffer& a) { return a.element_type() == ffi::DataType::BF16; }
 bool IsFloat(const ffi::AnyBuffer& a) { return IsBf16(a) || a.element_type() == ffi::DataType::F32; }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
-                           ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> outputs,
+ffi::Error LstmForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> outputs,
                            ffi::ResultBuffer<ffi::F32> final, ffi::Result<ffi::AnyBuffer> h_prev,
-                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates, bool reverse,
-                           int64_t threads) {
-  const auto dims = xp.dimensions();
-  if (dims.size() != 3 || w_h.dimensions().size() != 2 || w_h.dimensions()[1] != dims[2] ||
-      dims[2] != 4 * w_h.dimensions()[0] || bias.element_count() != dims[2] || !IsFloat(*outputs) ||
-      outputs->element_type() != h_prev->element_type())
+                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates, bool projected,
+                           bool reverse, int64_t threads) {
+  const auto dims = x.dimensions();
+  const auto hd = w_h.dimensions();
+  const bool bad_x = projected ? x.element_type() != ffi::DataType::F32 || dims.size() != 3 || dims[2] != hd[1]
+                               : outputs->element_type() != x.element_type() || dims.size() != 3 ||
+                                     w_x.dimensions().size() != 2 || w_x.dimensions()[0] != dims[2] ||
+                                     w_x.dimensions()[1] != hd[1];
+  if (hd.size() != 2 || hd[1] != 4 * hd[0] || bias.element_count() != hd[1] || bad_x || !IsFloat(*outputs) ||
+      h_prev->element_type() != outputs->element_type())
     return ffi::Error::InvalidArgument(
-        "lstm_forward: expected xp [T, B, 4H], bias [4H], w_h [H, 4H] and outputs, h_prev of one float dtype");
-  const Shape s{dims[0], dims[1], w_h.dimensions()[0]};
+        "lstm_forward: expected x [T, B, E] of the outputs' dtype with w_x [E, 4H] (or float32 x [T, B, 4H], "
+        "projected), bias [4H], w_h [H, 4H], and outputs, h_prev of one float dtype");
+  const Shape s{dims[0], dims[1], hd[0], dims[2]};
   const bool bf16 = IsBf16(*outputs);
-  const StepMatMul w(w_h.typed_data(), s.hidden, 4 * s.hidden, bf16);
+  const StepMatMul wh(w_h.typed_data(), s.hidden, 4 * s.hidden, bf16);
+  const std::unique_ptr<StepMatMul> wx(projected ? nullptr : new StepMatMul(w_x.typed_data(), s.inputs, 4 * s.hidden, bf16));
+  const float* xp = projected ? x.typed_data<float>() : nullptr;
   if (bf16)
-    LstmForwardSteps(xp.typed_data(), bias.typed_data(), w, mask.typed_data(), s, reverse, threads,
-                     reinterpret_cast<Bf16*>(outputs->untyped_data()), final->typed_data(), reinterpret_cast<Bf16*>(h_prev->untyped_data()), cs->typed_data(),
+    LstmForwardSteps(projected ? nullptr : static_cast<const Bf16*>(x.untyped_data()), wx.get(), xp, bias.typed_data(),
+                     wh, mask.typed_data(), s, reverse, threads, static_cast<Bf16*>(outputs->untyped_data()),
+                     final->typed_data(), static_cast<Bf16*>(h_prev->untyped_data()), cs->typed_data(),
                      gates->typed_data());
   else
-    LstmForwardSteps(xp.typed_data(), bias.typed_data(), w, mask.typed_data(), s, reverse, threads,
-                     outputs->typed_data<float>(), final->typed_data(), h_prev->typed_data<float>(), cs->typed_data(),
-                     gates->typed_data());
+    LstmForwardSteps(projected ? nullptr : x.typed_data<float>(), wx.get(), xp, bias.typed_data(), wh,
+                     mask.typed_data(), s, reverse, threads, outputs->typed_data<float>(), final->typed_data(),
+                     h_prev->typed_data<float>(), cs->typed_data(), gates->typed_data());
   return ffi::Error::Success();
 }
 
@@ -435,12 +496,12 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> c
   if (dims.size() != 3 || w_t.dimensions().size() != 2 || w_t.dimensions()[0] != 4 * dims[2] ||
       w_t.dimensions()[1] != dims[2] || !IsFloat(*dz) || !IsFloat(d_outputs))
     return ffi::Error::InvalidArgument("lstm_backward: expected cs [T, B, H], w_t [4H, H] and float dz, d_outputs");
-  const Shape s{dims[0], dims[1], dims[2]};
+  const Shape s{dims[0], dims[1], dims[2], 0};
   const bool bf16 = IsBf16(*dz);
   const StepMatMul w(w_t.typed_data(), 4 * s.hidden, s.hidden, bf16);
   const float *g = gates.typed_data(), *c = cs.typed_data(), *d_f = d_final.typed_data();
   if (bf16)
-    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, reinterpret_cast<Bf16*>(dz->untyped_data()),
+    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, static_cast<Bf16*>(dz->untyped_data()),
                    d_bias->typed_data());
   else
     LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, dz->typed_data<float>(),
@@ -452,7 +513,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> c
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // xp
+                                  .Arg<ffi::AnyBuffer>()          // x, or xp where projected
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
@@ -461,6 +523,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                                   .Ret<ffi::AnyBuffer>()          // h_prev
                                   .Ret<ffi::Buffer<ffi::F32>>()   // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gates
+                                  .Attr<bool>("projected")
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads"));
 

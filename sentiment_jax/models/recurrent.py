@@ -164,14 +164,14 @@ def generic_scan(cell: _Cell, x: jax.Array, mask: jax.Array, *, reverse: bool,
 #
 # Autodiff of the scan accumulates dW_h inside the backward loop, a second small matmul
 # per step. The VJP below leaves one matmul per step in the loop (dz @ W_h^T); afterwards
-# dW_x and dW_h come from ONE large matmul [x, h_prev]^T @ dz over all steps, and dx from
-# dz @ W_x^T. Arrays are time-major: x [T, B, E], mask [T, B], so every per-step slice is
+# dW_x and dW_h come from two large matmuls over all steps, x^T @ dz and h_prev^T @ dz, and
+# dx from dz @ W_x^T. Arrays are time-major: x [T, B, E], mask [T, B], so every per-step slice is
 # contiguous. The bias is added inside the step, where it fuses with the gate math.
 #
 # Mixed precision: the matmul operands take x's dtype (bfloat16 doubles GEMM speed on CPUs
 # with AVX512-BF16 and on TPUs) and accumulate in float32. Gates, cell state and the carried
-# cotangents stay float32; the weights come in as float32, so their gradients do too. Only
-# the input's cotangent takes x's dtype, as JAX requires.
+# cotangents stay float32; the weights come in as float32, so their gradients do too. The
+# large matmuls' operands h_prev and dz, and the input's cotangent, take x's dtype.
 
 
 def _matmul(a, b):
@@ -192,10 +192,10 @@ def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals
     started from, in x's dtype as the weight gradient's matmul takes it, and the float32 cell states
     and activated gates."""
     w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
-    xp = _matmul(x, w_x)
-    if backend == "cpu_kernel":  # the same steps as the scan below, as one custom call
-        outputs, final, h_prev, cs, gates = cpu_kernels.lstm_forward(xp, b, w_h, mask, reverse, x.dtype)
+    if backend == "cpu_kernel":  # the same steps as the scan below, input projection included, as one custom call
+        outputs, final, h_prev, cs, gates = cpu_kernels.lstm_forward(x, w_x, b, w_h, mask, reverse)
         return (final, outputs), (h_prev, cs, gates)
+    xp = _matmul(x, w_x)
     zeros = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)
     scale, shift = _gate_constants(w_h.shape[0], jnp.float32)
 
