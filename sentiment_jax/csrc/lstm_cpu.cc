@@ -332,6 +332,8 @@ inline const float* AsFloat(const T* from, int64_t n, std::vector<float>& scratc
   }
 }
 
+// A float32 row into its place in T: a bfloat16 copy, or nothing where T is float32 and the row was
+// computed in place.
 template <typename T>
 inline void Store(const float* __restrict from, int64_t n, T* __restrict to) {
   if constexpr (!std::is_same_v<T, float>)
