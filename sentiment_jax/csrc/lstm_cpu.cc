@@ -161,9 +161,10 @@ struct AmxSource {
   const AmxWeights* w;
 };
 
-// c[M, N] += the sum over sources of a @ w, for M a multiple of 16. Each 32 x 32 block of c stays in
-// tiles 0-3 over every source's K; tiles 4-5 hold two row blocks of a, 6-7 two column blocks of w.
-void AmxMulAcc(std::initializer_list<AmxSource> sources, int64_t m, int64_t n, float* c) {
+// c[M, N] (+)= the sum over sources of a @ w, for M a multiple of 16: c's old values are added where
+// `accumulate`, else overwritten. Each 32 x 32 block of c stays in tiles 0-3 over every source's K;
+// tiles 4-5 hold two row blocks of a, 6-7 two column blocks of w.
+void AmxMulAcc(std::initializer_list<AmxSource> sources, int64_t m, int64_t n, float* c, bool accumulate) {
   TileConfig config;
   for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
@@ -172,11 +173,16 @@ void AmxMulAcc(std::initializer_list<AmxSource> sources, int64_t m, int64_t n, f
     for (int64_t m0 = 0; m0 < m; m0 += 32) {
       const bool two = m0 + 32 <= m;  // else the last 16 rows
       float* c0 = c + m0 * n + n0;
-      _tile_loadd(0, c0, ldc);
-      _tile_loadd(1, c0 + 16, ldc);
-      if (two) {
-        _tile_loadd(2, c0 + 16 * n, ldc);
+      if (accumulate) {
+        _tile_loadd(0, c0, ldc);
+        _tile_loadd(1, c0 + 16, ldc);
+        _tile_loadd(2, c0 + 16 * n, ldc);  // unused unless `two`
         _tile_loadd(3, c0 + 16 * n + 16, ldc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
       }
       for (const AmxSource& s : sources) {
         const int64_t k = s.w->k(), lda = k * sizeof(Bf16);
@@ -222,21 +228,23 @@ class StepMatMul {
 
   void MulAcc(const Bf16* a, int64_t m, float* c, std::vector<float>& scratch) const {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_ && m % 16 == 0) return AmxMulAcc({{a, amx_.get()}}, m, n_, c);
+    if (amx_ && m % 16 == 0) return AmxMulAcc({{a, amx_.get()}}, m, n_, c, true);
 #endif
     scratch.resize(m * k_);
     for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToFloat(a[i]);
     MatMulAcc(scratch.data(), m, k_, w_.data(), packed_, n_, c);
   }
 
-  // c += a1 @ w1 + a2 @ w2, in one pass over c where both take AMX tiles.
+  // c = a1 @ w1 + a2 @ w2, in one pass over c where both take AMX tiles.
   template <typename T>
-  static void MulAcc2(const StepMatMul& w1, const T* a1, const StepMatMul& w2, const T* a2, int64_t m, float* c,
-                      std::vector<float>& scratch) {
+  static void Mul2(const StepMatMul& w1, const T* a1, const StepMatMul& w2, const T* a2, int64_t m, float* c,
+                   std::vector<float>& scratch) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if constexpr (std::is_same_v<T, Bf16>)
-      if (w1.amx_ && w2.amx_ && m % 16 == 0) return AmxMulAcc({{a1, w1.amx_.get()}, {a2, w2.amx_.get()}}, m, w1.n_, c);
+      if (w1.amx_ && w2.amx_ && m % 16 == 0)
+        return AmxMulAcc({{a1, w1.amx_.get()}, {a2, w2.amx_.get()}}, m, w1.n_, c, false);
 #endif
+    std::memset(c, 0, m * w1.n_ * sizeof(float));
     w1.MulAcc(a1, m, c, scratch);
     w2.MulAcc(a2, m, c, scratch);
   }
@@ -283,10 +291,6 @@ inline float Exp(float x) {
 
 inline float Sigmoid(float x) { return 1.0f / (1.0f + Exp(-x)); }
 inline float Tanh(float x) { return 2.0f * Sigmoid(2.0f * x) - 1.0f; }
-
-inline void AddBias(const float* __restrict x, const float* __restrict bias, int64_t n, float* __restrict out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = x[j] + bias[j];
-}
 
 // One real row's step: new cell state c and carry h (updated in place) from its activated gates
 // g [4H] and previous cell state, and the step's output (h in the output's dtype).
@@ -371,23 +375,22 @@ void LstmForwardSteps(const T* x, const StepMatMul* w_x, const float* xp, const 
         if constexpr (std::is_same_v<T, Bf16>) return static_cast<const Bf16*>(hp);
         else return static_cast<const float*>(h.data());
       }();
-      // z = b + x_t @ W_x + h @ W_h
+      // z = x_t @ W_x + h @ W_h, the bias added with the activations below.
       float* g = g_all + t * bh4 + first * h4;
       if (xp) {
-        for (int64_t r = 0; r < rows; ++r) AddBias(xp + (t * s.batch + first + r) * h4, bias, h4, g + r * h4);
+        std::memcpy(g, xp + (t * s.batch + first) * h4, rows * h4 * sizeof(float));
         w_h.MulAcc(h_in, rows, g, scratch);
       } else {
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(g + r * h4, bias, h4 * sizeof(float));
-        StepMatMul::MulAcc2(*w_x, x + (t * s.batch + first) * s.inputs, w_h, h_in, rows, g, scratch);
+        StepMatMul::Mul2(*w_x, x + (t * s.batch + first) * s.inputs, w_h, h_in, rows, g, scratch);
       }
       for (int64_t b = first; b < last; ++b) {
         float* gb = g + (b - first) * h4;
         const float* cp = c_prev + b * s.hidden;
         float* cb = c_all + t * bh + b * s.hidden;
         T* ob = out_all + t * bh + b * s.hidden;
-        for (int64_t j = 0; j < 2 * s.hidden; ++j) gb[j] = Sigmoid(gb[j]);
-        for (int64_t j = 2 * s.hidden; j < 3 * s.hidden; ++j) gb[j] = Tanh(gb[j]);
-        for (int64_t j = 3 * s.hidden; j < h4; ++j) gb[j] = Sigmoid(gb[j]);
+        for (int64_t j = 0; j < 2 * s.hidden; ++j) gb[j] = Sigmoid(gb[j] + bias[j]);
+        for (int64_t j = 2 * s.hidden; j < 3 * s.hidden; ++j) gb[j] = Tanh(gb[j] + bias[j]);
+        for (int64_t j = 3 * s.hidden; j < h4; ++j) gb[j] = Sigmoid(gb[j] + bias[j]);
         if (m[t * s.batch + b]) {
           CellUpdate(gb, cp, s.hidden, cb, h.data() + (b - first) * s.hidden, ob);
         } else {  // a padded step carries h and c through and outputs zeros
