@@ -142,8 +142,8 @@ def lstm_forward(x: jax.Array, w_x: jax.Array, b: jax.Array, w_h: jax.Array, mas
     hidden = w_h.shape[0]
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     carries = jax.ShapeDtypeStruct((steps, batch, hidden), x.dtype)
-    call = jax.ffi.ffi_call(TARGETS["forward"],
-                            (carries, f32((batch, hidden)), carries, f32(carries.shape), f32((steps, batch, 4 * hidden))))
+    results = (carries, f32((batch, hidden)), carries, f32(carries.shape), f32((steps, batch, 4 * hidden)))
+    call = jax.ffi.ffi_call(TARGETS["forward"], results)
     projected = not projects_per_step(x.dtype)
     if projected:
         x = jnp.matmul(x, w_x.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -456,26 +456,28 @@ ffi::Error LstmForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w_x, ffi::Buf
                            ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates, bool projected,
                            bool reverse, int64_t threads) {
   const auto dims = x.dimensions();
-  const auto hd = w_h.dimensions();
-  const bool bad_x = projected ? x.element_type() != ffi::DataType::F32 || dims.size() != 3 || dims[2] != hd[1]
-                               : outputs->element_type() != x.element_type() || dims.size() != 3 ||
-                                     w_x.dimensions().size() != 2 || w_x.dimensions()[0] != dims[2] ||
-                                     w_x.dimensions()[1] != hd[1];
-  if (hd.size() != 2 || hd[1] != 4 * hd[0] || bias.element_count() != hd[1] || bad_x || !IsFloat(*outputs) ||
-      h_prev->element_type() != outputs->element_type())
-    return ffi::Error::InvalidArgument(
-        "lstm_forward: expected x [T, B, E] of the outputs' dtype with w_x [E, 4H] (or float32 x [T, B, 4H], "
-        "projected), bias [4H], w_h [H, 4H], and outputs, h_prev of one float dtype");
+  const auto hd = w_h.dimensions(), xd = w_x.dimensions();
+  const char* expected =
+      "lstm_forward: expected x [T, B, E] of the outputs' dtype with w_x [E, 4H] (or, projected, float32 "
+      "x [T, B, 4H]), bias [4H], w_h [H, 4H], and outputs and h_prev of one float dtype";
+  if (hd.size() != 2 || hd[1] != 4 * hd[0] || bias.element_count() != hd[1] || dims.size() != 3 ||
+      !IsFloat(*outputs) || h_prev->element_type() != outputs->element_type())
+    return ffi::Error::InvalidArgument(expected);
+  const bool x_fits = projected ? x.element_type() == ffi::DataType::F32 && dims[2] == hd[1]
+                                : x.element_type() == outputs->element_type() && xd.size() == 2 &&
+                                      xd[0] == dims[2] && xd[1] == hd[1];
+  if (!x_fits) return ffi::Error::InvalidArgument(expected);
   const Shape s{dims[0], dims[1], hd[0], dims[2]};
   const bool bf16 = IsBf16(*outputs);
   const StepMatMul wh(w_h.typed_data(), s.hidden, 4 * s.hidden, bf16);
-  const std::unique_ptr<StepMatMul> wx(projected ? nullptr : new StepMatMul(w_x.typed_data(), s.inputs, 4 * s.hidden, bf16));
+  const std::unique_ptr<StepMatMul> wx(
+      projected ? nullptr : new StepMatMul(w_x.typed_data(), s.inputs, 4 * s.hidden, bf16));
   const float* xp = projected ? x.typed_data<float>() : nullptr;
   if (bf16)
-    LstmForwardSteps(projected ? nullptr : static_cast<const Bf16*>(x.untyped_data()), wx.get(), xp, bias.typed_data(),
-                     wh, mask.typed_data(), s, reverse, threads, static_cast<Bf16*>(outputs->untyped_data()),
-                     final->typed_data(), static_cast<Bf16*>(h_prev->untyped_data()), cs->typed_data(),
-                     gates->typed_data());
+    LstmForwardSteps(projected ? nullptr : static_cast<const Bf16*>(x.untyped_data()), wx.get(), xp,
+                     bias.typed_data(), wh, mask.typed_data(), s, reverse, threads,
+                     static_cast<Bf16*>(outputs->untyped_data()), final->typed_data(),
+                     static_cast<Bf16*>(h_prev->untyped_data()), cs->typed_data(), gates->typed_data());
   else
     LstmForwardSteps(projected ? nullptr : x.typed_data<float>(), wx.get(), xp, bias.typed_data(), wh,
                      mask.typed_data(), s, reverse, threads, outputs->typed_data<float>(), final->typed_data(),
@@ -488,7 +490,8 @@ void LstmBackwardAs(const ffi::AnyBuffer& d_outputs, const float* g, const float
                     const bool* m, const StepMatMul& w, const Shape& s, bool reverse, int64_t threads, T* dz,
                     float* d_bias) {
   if (IsBf16(d_outputs))
-    LstmBackwardSteps(g, c, static_cast<const Bf16*>(d_outputs.untyped_data()), d_final, m, w, s, reverse, threads, dz, d_bias);
+    LstmBackwardSteps(g, c, static_cast<const Bf16*>(d_outputs.untyped_data()), d_final, m, w, s, reverse, threads,
+                      dz, d_bias);
   else
     LstmBackwardSteps(g, c, d_outputs.typed_data<float>(), d_final, m, w, s, reverse, threads, dz, d_bias);
 }
@@ -506,8 +509,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> c
   const StepMatMul w(w_t.typed_data(), 4 * s.hidden, s.hidden, bf16);
   const float *g = gates.typed_data(), *c = cs.typed_data(), *d_f = d_final.typed_data();
   if (bf16)
-    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, static_cast<Bf16*>(dz->untyped_data()),
-                   d_bias->typed_data());
+    LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads,
+                   static_cast<Bf16*>(dz->untyped_data()), d_bias->typed_data());
   else
     LstmBackwardAs(d_outputs, g, c, d_f, mask.typed_data(), w, s, reverse, threads, dz->typed_data<float>(),
                    d_bias->typed_data());
