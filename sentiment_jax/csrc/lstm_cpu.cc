@@ -176,8 +176,10 @@ void AmxMulAcc(std::initializer_list<AmxSource> sources, int64_t m, int64_t n, f
       if (accumulate) {
         _tile_loadd(0, c0, ldc);
         _tile_loadd(1, c0 + 16, ldc);
-        _tile_loadd(2, c0 + 16 * n, ldc);  // unused unless `two`
-        _tile_loadd(3, c0 + 16 * n + 16, ldc);
+        if (two) {  // else past the last row
+          _tile_loadd(2, c0 + 16 * n, ldc);
+          _tile_loadd(3, c0 + 16 * n + 16, ldc);
+        }
       } else {
         _tile_zero(0);
         _tile_zero(1);
