@@ -192,7 +192,7 @@ def _lstm_forward(x, w_x, b, mask, w_h, reverse, unroll, backend, keep_residuals
     started from, in x's dtype as the weight gradient's matmul takes it, and the float32 cell states
     and activated gates."""
     w_x, w_h = w_x.astype(x.dtype), w_h.astype(x.dtype)
-    if backend == "cpu_kernel":  # the same steps as the scan below, input projection included, as one custom call
+    if backend == "cpu_kernel":  # the projection and the steps below, the steps as one custom call
         outputs, final, h_prev, cs, gates = cpu_kernels.lstm_forward(x, w_x, b, w_h, mask, reverse)
         return (final, outputs), (h_prev, cs, gates)
     xp = _matmul(x, w_x)
