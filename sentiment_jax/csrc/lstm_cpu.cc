@@ -108,12 +108,24 @@ inline Bf16 ToBf16(float x) {  // round to nearest even, as XLA's conversion doe
   return static_cast<Bf16>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 
-inline float ToFloat(float x) { return x; }
 inline float ToFloat(Bf16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
 
 template <typename T> inline T FromFloat(float x);
 template <> inline float FromFloat<float>(float x) { return x; }
 template <> inline Bf16 FromFloat<Bf16>(float x) { return ToBf16(x); }
+
+// n floats of T (float32 or bfloat16) as float32: `from` itself where T is float32, else `scratch`
+// holding it converted.
+template <typename T>
+inline const float* AsFloat(const T* from, int64_t n, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return from;
+  } else {
+    scratch.resize(n);
+    for (int64_t j = 0; j < n; ++j) scratch[j] = ToFloat(from[j]);
+    return scratch.data();
+  }
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // AMX: bfloat16 tile matmuls with float32 sums, for bfloat16 models on CPUs that have them. Tiles are
@@ -232,9 +244,7 @@ class StepMatMul {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (amx_ && m % 16 == 0) return AmxMulAcc({{a, amx_.get()}}, m, n_, c, true);
 #endif
-    scratch.resize(m * k_);
-    for (int64_t i = 0; i < m * k_; ++i) scratch[i] = ToFloat(a[i]);
-    MatMulAcc(scratch.data(), m, k_, w_.data(), packed_, n_, c);
+    MatMulAcc(AsFloat(a, m * k_, scratch), m, k_, w_.data(), packed_, n_, c);
   }
 
   // c = a1 @ w1 + a2 @ w2, in one pass over c where both take AMX tiles.
@@ -322,19 +332,6 @@ inline void CellGradient(const float* __restrict g, const float* __restrict c, c
     dz[2 * hidden + j] = dc_new * gi[j] * (1.0f - gg[j] * gg[j]);
     dz[3 * hidden + j] = dh_step * tanh_c * go[j] * (1.0f - go[j]);
     dc[j] = dc_new * gf[j];
-  }
-}
-
-// A float32 row in T (float32 or bfloat16): a row of `from` itself where T is float32, else `scratch`
-// holding it converted.
-template <typename T>
-inline const float* AsFloat(const T* from, int64_t n, std::vector<float>& scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return from;
-  } else {
-    scratch.resize(n);
-    for (int64_t j = 0; j < n; ++j) scratch[j] = ToFloat(from[j]);
-    return scratch.data();
   }
 }
 
