@@ -62,14 +62,16 @@ def test_gradients_match_autodiff_of_the_generic_scan(side, hidden):
     assert_matches_generic_scan(layer, x, mask, w_out, w_final, tol=2e-5)
 
 
-def test_bfloat16_matmuls_track_the_float32_reference():
-    """A bfloat16 model, 32 rows and 64 units: the per-step matmuls on AMX bfloat16 tiles where the CPU has
-    them (else float32) stay within bfloat16 rounding of the float32 reference."""
+# 16 inputs: AMX for h @ W_h only; 32 inputs and 64 rows: the input projection on AMX too, in blocks of 32 rows.
+@pytest.mark.parametrize("features,rows", [(16, 32), (32, 64)])
+def test_bfloat16_matmuls_track_the_float32_reference(features, rows):
+    """A bfloat16 model of 64 units: the per-step matmuls on AMX bfloat16 tiles where the CPU has them
+    (else float32) stay within bfloat16 rounding of the float32 reference."""
     rng = np.random.default_rng(5)
-    lengths = rng.integers(1, 31, 32)
-    x, mask = pad_batch([rng.normal(size=(n, 16)).astype(np.float32) for n in lengths], 30, "pre")
-    layer = kernel_layer(16, 64, bidirectional=True, seed=6)
-    assert_bfloat16_tracks_float32(layer, x, mask, jnp.asarray(rng.normal(size=(32, 30, 128)), jnp.float32))
+    lengths = rng.integers(1, 31, rows)
+    x, mask = pad_batch([rng.normal(size=(n, features)).astype(np.float32) for n in lengths], 30, "pre")
+    layer = kernel_layer(features, 64, bidirectional=True, seed=6)
+    assert_bfloat16_tracks_float32(layer, x, mask, jnp.asarray(rng.normal(size=(rows, 30, 128)), jnp.float32))
 
 
 # 50 rows: uneven ranges of 25 / 17, 17, 16; 48 rows of bfloat16: ranges of 16 rows, as AMX tiles take.
