@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SENTIMENT_JAX_DATA ?= $(abspath ../shared/data)
 export SENTIMENT_JAX_DATA
 # `make train` runs under sentiment_jax.cpu_setup, which picks the CPU settings measured fastest
-# (huge-page malloc, bfloat16 where the CPU has it, the LSTM recurrence as compiled CPU custom calls
+# (jemalloc where the system has it, else huge-page malloc; bfloat16 where the CPU has it; the LSTM recurrence as compiled CPU custom calls
 # where a C++ compiler builds them, else one single-threaded device per core).
 
 # Every install takes its versions from requirements.lock (the whole tree, all extras, exact
